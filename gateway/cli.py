@@ -1,0 +1,208 @@
+"""The ``gateway`` command: serve, sandbox ..., ports ..., events.
+
+Output is JSON on stdout; an error is one clear line on stderr and a non-zero exit
+(1 for a refused operation, 2 for bad usage). Every command but ``serve`` finds Redis
+from ``--redis-url``, then ``GATEWAY_REDIS_URL``, then the embedded Redis a local
+``gateway serve`` recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from gateway import embedded, errors
+from gateway.config import Config, ConfigError, load_config
+from gateway.control.api import sandbox_json
+from gateway.routing import store
+
+Command = Callable[[store.RouteWriter, argparse.Namespace], Awaitable[Any]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return asyncio.run(_run_writer_command(args))
+    except (errors.GatewayError, ConfigError) as exc:
+        message = exc.message if isinstance(exc, errors.GatewayError) else str(exc)
+        print(f"gateway: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway import server  # noqa: PLC0415 (writer commands need none of the proxy)
+
+    config = load_serve_config(args, os.environ)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvloop.run(server.serve(config, on_ready=server.print_ready))
+    return 0
+
+
+def load_serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Flags over environment over file over defaults."""
+    yaml_text = None
+    if args.config:
+        try:
+            yaml_text = Path(args.config).read_text()
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {args.config}: {exc.strerror}") from None
+    overrides: dict[str, Any] = {}
+    if args.redis_url:
+        overrides["redis"] = {"url": args.redis_url}
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.admin_listen:
+        overrides["admin_listen"] = args.admin_listen
+    if args.domain:
+        overrides["domains"] = [d.lower() for d in args.domain]
+    if args.workers is not None:
+        overrides["workers"] = args.workers
+    config = load_config(yaml_text=yaml_text, environ=environ, overrides=overrides)
+    if config.workers != 1:
+        raise ConfigError("workers: only 1 worker per process is supported in this release")
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Writer commands
+# ---------------------------------------------------------------------------------------
+
+
+async def _run_writer_command(args: argparse.Namespace) -> int:
+    client = store.open_redis(_redis_url(args))
+    try:
+        writer = store.RouteWriter(client)
+        if args.command == "events":
+            async for event in store.read_events(client, follow=args.follow):
+                print(json.dumps(event), flush=True)
+            return 0
+        result = await args.handler(writer, args)
+        print(json.dumps(result))
+        return 0
+    finally:
+        await client.aclose()
+
+
+def _redis_url(args: argparse.Namespace) -> str:
+    url = args.redis_url or os.environ.get("GATEWAY_REDIS_URL")
+    if url:
+        return str(url)
+    state_dir = embedded.default_state_dir()
+    recorded = embedded.recorded_url(state_dir)
+    if recorded is None:
+        raise errors.TableNotInitialised(
+            f"no gateway serve is running on this machine (no embedded Redis found in "
+            f"{state_dir}); start `gateway serve` or pass --redis-url"
+        )
+    return recorded
+
+
+async def _sandbox_create(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    record = await writer.create(args.id, address=args.address, allow_ports=args.allow_ports)
+    return sandbox_json(record, await writer.settings())
+
+
+async def _sandbox_show(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    return sandbox_json(await writer.show(args.id), await writer.settings())
+
+
+async def _sandbox_pause(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    return sandbox_json(await writer.pause(args.id), await writer.settings())
+
+
+async def _sandbox_resume(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    return sandbox_json(await writer.resume(args.id, address=args.address), await writer.settings())
+
+
+async def _sandbox_terminate(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    return sandbox_json(await writer.terminate(args.id), await writer.settings())
+
+
+async def _ports_expose(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    exposure, _ = await writer.expose(args.id, args.port, host_rewrite=args.host_rewrite)
+    return exposure.as_json()
+
+
+async def _ports_list(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    return [e.as_json() for e in await writer.list_ports(args.id)]
+
+
+async def _ports_close(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
+    return sandbox_json(await writer.close(args.id, args.port), await writer.settings())
+
+
+# ---------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-url", help="Redis URL (default: $GATEWAY_REDIS_URL, then "
+                        "the embedded Redis of a local `gateway serve`)")  # fmt: skip
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (see config/gateway.yaml)")
+    serve.add_argument("--listen", help="public listener HOST:PORT (default 0.0.0.0:8080)")
+    serve.add_argument("--admin-listen", help="admin listener HOST:PORT (default 127.0.0.1:8081)")
+    serve.add_argument("--domain", action="append", help="sandbox domain (repeatable)")
+    serve.add_argument("--workers", type=int, help="worker processes")
+
+    sandbox = commands.add_parser("sandbox", help="create, show, pause, resume, terminate")
+    sandbox_commands = sandbox.add_subparsers(dest="action", required=True)
+    create = sandbox_commands.add_parser("create", parents=[common])
+    create.add_argument("id")
+    create.add_argument("--address", required=True, help="the sandbox's internal IP")
+    create.add_argument("--allow-ports", help="comma-separated ports that may be exposed")
+    create.set_defaults(handler=_sandbox_create)
+    for name, handler in (
+        ("show", _sandbox_show), ("pause", _sandbox_pause), ("terminate", _sandbox_terminate),
+    ):  # fmt: skip
+        sub = sandbox_commands.add_parser(name, parents=[common])
+        sub.add_argument("id")
+        sub.set_defaults(handler=handler)
+    resume = sandbox_commands.add_parser("resume", parents=[common])
+    resume.add_argument("id")
+    resume.add_argument("--address", help="a new internal IP")
+    resume.set_defaults(handler=_sandbox_resume)
+
+    ports = commands.add_parser("ports", help="expose, list, close")
+    port_commands = ports.add_subparsers(dest="action", required=True)
+    expose = port_commands.add_parser("expose", parents=[common])
+    expose.add_argument("id")
+    expose.add_argument("port")
+    expose.add_argument("--host-rewrite", action="store_true",
+                        help="send Host: localhost:PORT to the sandbox")  # fmt: skip
+    expose.set_defaults(handler=_ports_expose)
+    listing = port_commands.add_parser("list", parents=[common])
+    listing.add_argument("id")
+    listing.set_defaults(handler=_ports_list)
+    close = port_commands.add_parser("close", parents=[common])
+    close.add_argument("id")
+    close.add_argument("port")
+    close.set_defaults(handler=_ports_close)
+
+    events = commands.add_parser("events", parents=[common], help="print route-table events")
+    events.add_argument("--follow", action="store_true", help="keep printing new events")
+    return parser

@@ -1,0 +1,234 @@
+"""The public listener's request story: host -> route -> forward, or a precise answer.
+
+    parse the Host (no Redis) -> look the label up (cache, then Redis) -> resolve (pure)
+    -> check the address again (SSRF) -> forward HTTP or relay a WebSocket -> account.
+
+Every deliberate failure is an ``errors.EdgeError`` and is rendered in one place
+(``_answer_error``). One ``RequestRecord`` per request goes to the sinks at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from gateway import errors, headers, hostnames
+from gateway.proxy import pages, websocket
+from gateway.proxy.accounting import RequestRecord, Sink
+from gateway.proxy.http import RequestPlan, abort_downstream, forward_http
+from gateway.proxy.sessions import ActiveSessions
+from gateway.proxy.upstream import UpstreamPool
+from gateway.routing import model, rules
+from gateway.routing.cache import Miss, RouteCache
+
+log = logging.getLogger("gateway.proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeSettings:
+    domains: tuple[str, ...]
+    sandbox_networks: tuple[rules.IPNetwork, ...]
+    trusted_networks: tuple[rules.IPNetwork, ...]
+    read_idle_seconds: float
+    connect_seconds: float
+    websocket_max_message_bytes: int
+
+
+class EdgeHandler:
+    """The aiohttp low-level handler of the public listener."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        *,
+        cache: RouteCache,
+        pool: UpstreamPool,
+        websocket_client: aiohttp.ClientSession,
+        sessions: ActiveSessions,
+        sinks: Sequence[Sink] = (),
+    ) -> None:
+        self._settings = settings
+        self._cache = cache
+        self._pool = pool
+        self._ws_client = websocket_client
+        self.sessions = sessions
+        self.sinks = list(sinks)
+        # Gateway listeners, filled in once they are bound (port 0 resolves late).
+        self.listeners: list[rules.Endpoint] = []
+        self._allowed_incarnations: dict[str, bool] = {}
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        record = RequestRecord(
+            request_id=headers.new_request_id(), method=request.method, path=request.raw_path
+        )
+        try:
+            return await self._route(request, record)
+        except errors.EdgeError as exc:
+            return self._answer_error(request, exc, record)
+        except asyncio.CancelledError:
+            record.outcome = "client_gone"
+            raise
+        finally:
+            record.finish()
+            for sink in self.sinks:
+                sink(record)
+
+    # Private methods ------------------------------------------------------------------
+
+    async def _route(self, request: web.BaseRequest, record: RequestRecord) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        record.host = host or ""
+        target = hostnames.parse_host(host, self._settings.domains)
+        record.label, record.port = target.label, target.port
+        hostnames.check_absolute_target(request.raw_path, host)
+        request_headers = _text_headers(request.raw_headers)
+        upgrade = headers.upgrade_kind(request_headers, method=request.method)
+        if upgrade is not None and upgrade != "websocket":
+            raise errors.UnsupportedUpgrade(
+                f"upgrade to {upgrade!r} is not supported; only WebSocket is",
+                label=target.label, port=target.port,
+            )  # fmt: skip
+        sandbox = self._cache.fresh(target.label)
+        if isinstance(sandbox, Miss):
+            sandbox = await self._cache.lookup(target.label)
+        upstream = model.resolve(sandbox, target.port, label=target.label)
+        self._check_dial(upstream, target.label)
+        client = headers.resolve_client(
+            _peer_ip(request), request_headers, trusted_networks=self._settings.trusted_networks
+        )
+        record.client_ip = client.ip
+        plan = RequestPlan(
+            target=upstream,
+            path=_origin_form(request.raw_path),
+            upstream_headers=headers.upstream_request_headers(
+                request_headers, client=client, public_host=host or "",
+                request_id=record.request_id,
+                host_rewrite_port=target.port if upstream.host_rewrite else None,
+            ),
+        )  # fmt: skip
+        if upgrade == "websocket":
+            return await self._websocket(request, plan, record)
+        return await self._http(request, plan, record)
+
+    async def _http(
+        self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
+    ) -> web.StreamResponse:
+        async def stop(reason: str) -> None:
+            log.info("ending a stream to %s: %s", plan.target.port, reason)
+            abort_downstream(request)
+
+        target = plan.target
+        label = record.label or ""
+        with self.sessions.track(label, target.port, target.incarnation, stop):
+            return await forward_http(
+                request, plan, pool=self._pool,
+                read_idle_seconds=self._settings.read_idle_seconds, record=record,
+            )  # fmt: skip
+
+    async def _websocket(
+        self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
+    ) -> web.StreamResponse:
+        record.kind = "websocket"
+        protocols = _requested_protocols(request)
+        sandbox_side = await websocket.open_sandbox_socket(
+            self._ws_client, plan.target, plan.path, plan.upstream_headers,
+            protocols=protocols, max_message_bytes=self._settings.websocket_max_message_bytes,
+            connect_seconds=self._settings.connect_seconds,
+        )  # fmt: skip
+        if isinstance(sandbox_side, web.Response):
+            record.status = sandbox_side.status
+            return sandbox_side
+        client_side = web.WebSocketResponse(
+            protocols=(sandbox_side.protocol,) if sandbox_side.protocol else (),
+            autoping=False, autoclose=False, compress=False, decode_text=False,
+            max_msg_size=self._settings.websocket_max_message_bytes,
+        )  # fmt: skip
+        try:
+            await client_side.prepare(request)
+        except BaseException:
+            await sandbox_side.close()
+            raise
+        record.status = 101
+        session = websocket.WebSocketSession(client_side, sandbox_side)
+        target = plan.target
+        with self.sessions.track(
+            record.label or "", target.port, target.incarnation, session.close_going_away
+        ):
+            await websocket.relay(session, record)
+        return client_side
+
+    def _check_dial(self, upstream: model.Upstream, label: str) -> None:
+        """Defence in depth: the record may have been written by another control plane."""
+        allowed = self._allowed_incarnations.get(upstream.incarnation)
+        if allowed is None:
+            ip = ipaddress.ip_address(upstream.address)
+            allowed = any(ip in net for net in self._settings.sandbox_networks)
+            if len(self._allowed_incarnations) > 100_000:
+                self._allowed_incarnations.clear()
+            self._allowed_incarnations[upstream.incarnation] = allowed
+        if not allowed or rules.is_gateway_listener(
+            upstream.address, upstream.port, self.listeners
+        ):
+            log.warning("refused route of %s to %s:%s", label, upstream.address, upstream.port)
+            raise errors.UpstreamRefused(
+                f"the route of sandbox {label} points outside the sandbox networks",
+                label=label, port=upstream.port,
+            )  # fmt: skip
+
+    def _answer_error(
+        self, request: web.BaseRequest, error: errors.EdgeError, record: RequestRecord
+    ) -> web.StreamResponse:
+        if error.label is None:  # raised below the handler, which knows the target
+            error.label, error.port = record.label, record.port
+        record.outcome = "gateway_error"
+        record.code = error.code
+        record.status = error.status
+        page = pages.render(
+            error,
+            request_id=record.request_id,
+            html_wanted=headers.wants_html(_text_headers(request.raw_headers)),
+        )
+        response = web.Response(status=page.status, body=page.body)
+        for name, value in page.headers:
+            response.headers[name] = value
+        if request.method == "HEAD":
+            response.body = b""
+        return response
+
+
+def _text_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    # surrogateescape keeps any byte the client sent; the forwarder encodes it back.
+    return [
+        (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in raw
+    ]
+
+
+def _peer_ip(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "0.0.0.0"
+
+
+def _origin_form(raw_path: str) -> str:
+    """The request target as the sandbox gets it: absolute-form reduced to origin-form."""
+    if raw_path.startswith("/"):
+        return raw_path
+    scheme_end = raw_path.find("://")
+    if scheme_end < 0:
+        return raw_path
+    rest = raw_path[scheme_end + 3 :]
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    target = rest[cut:]
+    return target if target.startswith("/") else "/" + target
+
+
+def _requested_protocols(request: web.BaseRequest) -> list[str]:
+    values = request.headers.getall("Sec-WebSocket-Protocol", [])
+    return [p.strip() for value in values for p in value.split(",") if p.strip()]

@@ -1,0 +1,121 @@
+"""Forward one HTTP request to a sandbox and stream the answer back, byte for byte.
+
+Contract of ``forward_http``:
+- The request goes out with the client's method, raw target (origin-form) and headers as
+  built by ``headers.upstream_request_headers``; its body streams with the client's own
+  framing (Content-Length kept; chunked re-framed), nothing buffered.
+- A failure before the response head is sent raises an ``EdgeError`` (the handler renders
+  it). A failure after it cannot become a 502: the downstream connection is aborted, so
+  the client sees a broken transfer, never a silently truncated 200.
+- There is no total timeout: streams run while bytes flow; only silences are bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway import errors, headers
+from gateway.proxy.accounting import RequestRecord
+from gateway.proxy.upstream import UpstreamPool, UpstreamResponse
+from gateway.routing.model import Upstream
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """What the handler decided to send: the target and the upstream request headers."""
+
+    target: Upstream
+    path: str
+    upstream_headers: list[tuple[str, str]]
+
+
+async def forward_http(
+    request: web.BaseRequest,
+    plan: RequestPlan,
+    *,
+    pool: UpstreamPool,
+    read_idle_seconds: float,
+    record: RequestRecord,
+) -> web.StreamResponse:
+    """Forward ``request`` as planned; see the module docstring for the contract.
+
+    Raises:
+        errors.UpstreamRefused, errors.UpstreamTimeout, errors.UpstreamProtocolError:
+            before the response head went out.
+    """
+    expect = request.headers.get("Expect", "").lower() == "100-continue"
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    has_body = chunked or int(request.headers.get("Content-Length", "0") or "0") > 0
+    outgoing = list(plan.upstream_headers)
+    if chunked:
+        outgoing.append(("Transfer-Encoding", "chunked"))
+    if expect and has_body:
+        outgoing.append(("Expect", "100-continue"))
+    head = _request_head(request.method, plan.path, outgoing)
+    body = _client_body(request, record, send_continue=expect) if has_body else None
+    upstream = await pool.request(
+        plan.target, head, body, chunked=chunked, head_only=request.method == "HEAD",
+        expect_continue=expect and has_body,
+    )  # fmt: skip
+    try:
+        record.status = upstream.status
+        return await _relay_response(request, upstream, read_idle_seconds, record)
+    finally:
+        upstream.release()
+
+
+async def _relay_response(
+    request: web.BaseRequest,
+    upstream: UpstreamResponse,
+    read_idle_seconds: float,
+    record: RequestRecord,
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason or None,
+        headers=CIMultiDict(headers.downstream_response_headers(upstream.headers)),
+    )
+    response.headers[headers.REQUEST_ID] = record.request_id
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.iter_body(idle_seconds=read_idle_seconds):
+            record.bytes_out += len(chunk)
+            await response.write(chunk)
+    except errors.EdgeError as exc:
+        # The head is gone; the only honest signal left is a broken connection.
+        record.aborted(exc.code)
+        abort_downstream(request)
+        return response
+    await response.write_eof()
+    return response
+
+
+def abort_downstream(request: web.BaseRequest) -> None:
+    """Reset the client's connection (no terminating chunk, no keep-alive)."""
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _client_body(
+    request: web.BaseRequest, record: RequestRecord, *, send_continue: bool
+) -> AsyncIterator[bytes]:
+    if send_continue:
+        # The sandbox asked for the body (or didn't answer in time): now tell the client.
+        await request.writer.write(_CONTINUE)
+    while chunk := await request.content.readany():
+        record.bytes_in += len(chunk)
+        yield chunk
+
+
+def _request_head(method: str, path: str, header_list: list[tuple[str, str]]) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, value in header_list]
+    # Header text came from aiohttp's parser (UTF-8 with surrogateescape), so encoding it
+    # back the same way restores the client's bytes exactly.
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")

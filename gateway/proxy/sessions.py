@@ -1,0 +1,92 @@
+"""Open streams and WebSockets, by label, so lifecycle changes can end them.
+
+After a close, pause or terminate (or a resume at a new address), connections to the old
+route must not live on: "at once" includes them (DESIGN.md section 2). The handler
+registers every long-lived exchange here; when a label is invalidated, ``enforce`` looks
+at the label's new record and stops every session the record no longer routes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+from gateway import errors
+from gateway.routing import model
+
+log = logging.getLogger("gateway.sessions")
+
+Stop = Callable[[str], Awaitable[None]]
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    label: str
+    port: int
+    incarnation: str
+    stop: Stop
+    stopping: bool = field(default=False)
+
+
+class ActiveSessions:
+    def __init__(self) -> None:
+        self._by_label: dict[str, set[Session]] = {}
+
+    @contextlib.contextmanager
+    def track(self, label: str, port: int, incarnation: str, stop: Stop) -> Iterator[Session]:
+        """Register a session for the duration of the ``with`` block."""
+        session = Session(label, port, incarnation, stop)
+        self._by_label.setdefault(label, set()).add(session)
+        try:
+            yield session
+        finally:
+            sessions = self._by_label.get(label)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del self._by_label[label]
+
+    def labels(self) -> list[str]:
+        return list(self._by_label)
+
+    def has(self, label: str) -> bool:
+        return label in self._by_label
+
+    def count(self) -> int:
+        return sum(len(s) for s in self._by_label.values())
+
+    async def enforce(self, label: str, record: model.Sandbox | None) -> int:
+        """Stop the sessions of ``label`` that ``record`` no longer routes; return how many."""
+        stopped = 0
+        for session in list(self._by_label.get(label, ())):
+            reason = _reason_to_stop(session, record)
+            if reason is None or session.stopping:
+                continue
+            session.stopping = True
+            stopped += 1
+            try:
+                await session.stop(reason)
+            except Exception:  # one broken session must not shield the others
+                log.exception("stopping a session of %s failed", label)
+        return stopped
+
+    async def stop_all(self, reason: str) -> None:
+        """End every session (shutdown)."""
+        for sessions in list(self._by_label.values()):
+            for session in list(sessions):
+                if not session.stopping:
+                    session.stopping = True
+                    with contextlib.suppress(Exception):
+                        await session.stop(reason)
+
+
+def _reason_to_stop(session: Session, record: model.Sandbox | None) -> str | None:
+    try:
+        upstream = model.resolve(record, session.port, label=session.label)
+    except errors.EdgeError as exc:
+        return exc.message
+    if upstream.incarnation != session.incarnation:
+        return f"sandbox {session.label} moved to a new address"
+    return None

@@ -1,0 +1,468 @@
+"""The HTTP/1.1 client that talks to sandboxes: asyncio protocols + llhttp (httptools).
+
+The one module that knows how bytes reach a sandbox, behind a small interface:
+``UpstreamPool.request(target, head, body)`` returns an ``UpstreamResponse`` whose body is
+read with ``read_chunk()``. Socket and parser errors are translated into the gateway's
+``Upstream*`` errors here and nowhere else.
+
+Why not aiohttp's ClientSession: for a proxy it adds headers, follows redirects, keeps a
+cookie jar, decompresses, retries non-replayable requests and costs most of the CPU of a
+proxied request (shared/research/aiohttp-proxy-facts.md sections 0 and 5). This client
+sends exactly the head the forwarder built and returns the sandbox's bytes unchanged.
+
+Pooling: idle keep-alive connections are kept per (incarnation, port), so a sandbox
+address recycled to another tenant (a new incarnation) never reuses a connection, and
+are dropped after ``pool_idle_seconds`` (below the 5 s idle timeout of Node and uvicorn
+dev servers, so a request rarely lands on a connection the server is closing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+import typing
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httptools
+
+from gateway import errors
+from gateway.routing.model import Upstream
+
+# Response bytes buffered per connection before the sandbox socket is paused.
+HIGH_WATER_BYTES = 256 * 1024
+LOW_WATER_BYTES = 64 * 1024
+_CONNECT_RETRY_STEP_SECONDS = 0.05
+EXPECT_CONTINUE_WAIT_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    connect_seconds: float
+    connect_retry_window_seconds: float
+    response_seconds: float
+    read_idle_seconds: float
+    pool_idle_seconds: float
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection to a sandbox, carrying one request/response at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._response: UpstreamResponse | None = None
+        self._parser: httptools.HttpResponseParser | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._lost = asyncio.get_running_loop().create_future()
+
+    # asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports don't subclass asyncio.Transport, but implement it.
+        self.transport = typing.cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        response = self._response
+        if response is None or self._parser is None:
+            # Bytes with no request outstanding: the sandbox broke HTTP; never reuse.
+            self._abort()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            response._fail(errors.UpstreamProtocolError("the sandbox switched protocols"))
+            self._abort()
+        except httptools.HttpParserError as exc:
+            response._fail(errors.UpstreamProtocolError(f"the sandbox broke HTTP: {exc}"))
+            self._abort()
+
+    def eof_received(self) -> bool | None:
+        self._on_gone(None)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._on_gone(exc)
+        self._can_write.set()
+        if not self._lost.done():
+            self._lost.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # httptools callbacks --------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        assert self._response is not None
+        self._response._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self._response is not None
+        self._response._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response, parser = self._response, self._parser
+        assert response is not None and parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:
+            # 100 Continue and 103 Early Hints are interim: drop them, keep parsing. A
+            # 101 without our asking is a protocol break (handled by HttpParserUpgrade).
+            response._interim(status)
+            return
+        response._headers_done(status, parser.should_keep_alive())
+        if response.no_body:
+            self._finish_message(keep_alive_ok=True)
+
+    def on_body(self, body: bytes) -> None:
+        response = self._response
+        assert response is not None
+        response._feed(body)
+        if response._buffered > HIGH_WATER_BYTES and self.transport is not None:
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        response = self._response
+        if response is not None and response.status >= 200:
+            self._finish_message(keep_alive_ok=True)
+
+    # Used by the pool and the response ------------------------------------------------
+
+    def start(self, response: UpstreamResponse) -> None:
+        self._response = response
+        self._parser = httptools.HttpResponseParser(self)
+        response._connection = self
+
+    async def write(self, data: bytes, *, idle_seconds: float) -> None:
+        if self.closed or self.transport is None:
+            raise errors.UpstreamProtocolError("the sandbox closed the connection")
+        self.transport.write(data)
+        if not self._can_write.is_set():
+            try:
+                async with asyncio.timeout(idle_seconds):
+                    await self._can_write.wait()
+            except TimeoutError:
+                raise errors.UpstreamTimeout("the sandbox stopped reading the body") from None
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _finish_message(self, *, keep_alive_ok: bool) -> None:
+        response = self._response
+        assert response is not None
+        response._complete(keep_alive_ok and response.keep_alive)
+        self._response = None
+        self._parser = None
+
+    def _on_gone(self, exc: Exception | None) -> None:
+        self.closed = True
+        response = self._response
+        if response is not None and not response.complete:
+            response._connection_ended(exc)
+
+    def _abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class UpstreamResponse:
+    """A sandbox's response: status and headers first, then the body in chunks.
+
+    Contract: ``read_chunk()`` returns body bytes as they arrive and ``b""`` once the body
+    is complete; it raises ``errors.UpstreamProtocolError`` if the sandbox ends the body
+    early (the forwarder then aborts the downstream connection) and
+    ``errors.UpstreamTimeout`` after ``read_idle`` seconds of silence. ``release()``
+    returns the connection to the pool (or closes it) and must be called exactly once.
+    """
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int], *, head_only: bool) -> None:
+        self._pool = pool
+        self._key = key
+        self._head_only = head_only
+        self._connection: _Connection | None = None
+        self._reason = b""
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: errors.EdgeError | None = None
+        self._head_ready = asyncio.get_running_loop().create_future()
+        self._continue = asyncio.Event()
+        self.status = 0
+        self.keep_alive = False
+        self.complete = False
+        self.got_bytes = False
+        self.request_sent = False  # the whole request went out (else: never reuse)
+
+    @property
+    def no_body(self) -> bool:
+        return self._head_only or self.status in (204, 304)
+
+    @property
+    def reason(self) -> str:
+        return self._reason.decode("latin-1")
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._raw_headers]
+
+    async def read_chunk(self, *, idle_seconds: float) -> bytes:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(idle_seconds):
+                    await self._waiter
+            except TimeoutError:
+                raise errors.UpstreamTimeout("the sandbox stopped sending the body") from None
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._buffered < LOW_WATER_BYTES and self._connection is not None:
+            self._connection.resume_reading()
+        return chunk
+
+    async def iter_body(self, *, idle_seconds: float) -> AsyncIterator[bytes]:
+        while chunk := await self.read_chunk(idle_seconds=idle_seconds):
+            yield chunk
+
+    def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        reusable = self.complete and self.keep_alive and self.request_sent
+        if reusable and not connection.closed and self._error is None:
+            self._pool._put_idle(self._key, connection)
+        else:
+            connection._abort()
+
+    # Called by the connection ---------------------------------------------------------
+
+    def _interim(self, status: int) -> None:
+        self._reason = b""
+        self._raw_headers.clear()
+        if status == 100:
+            self._continue.set()
+
+    def _headers_done(self, status: int, keep_alive: bool) -> None:
+        self.status = status
+        self.keep_alive = keep_alive
+        self.got_bytes = True
+        self._continue.set()  # a final answer instead of 100: the body must not be sent
+        if not self._head_ready.done():
+            self._head_ready.set_result(None)
+
+    def _feed(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        self._wake()
+
+    def _complete(self, keep_alive: bool) -> None:
+        self.complete = True
+        self.keep_alive = keep_alive
+        self._wake()
+
+    def _fail(self, error: errors.EdgeError) -> None:
+        if self.complete:
+            return
+        self._error = error
+        if not self._head_ready.done():
+            self._head_ready.set_exception(error)
+            self._head_ready.exception()  # retrieved here; re-raised by wait_head
+        self._continue.set()
+        self._wake()
+
+    def _connection_ended(self, exc: Exception | None) -> None:
+        if self.status and not self._raw_headers_expect_more():
+            self._complete(keep_alive=False)
+            return
+        detail = f": {exc}" if exc else ""
+        self._fail(errors.UpstreamProtocolError(f"the sandbox closed the connection{detail}"))
+
+    def _raw_headers_expect_more(self) -> bool:
+        # A response with neither Content-Length nor chunked framing ends at close.
+        for name, value in self._raw_headers:
+            lower = name.lower()
+            if lower == b"content-length" or (
+                lower == b"transfer-encoding" and b"chunked" in value.lower()
+            ):
+                return True
+        return False
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _wait_head(self, timeout_seconds: float) -> None:
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await self._head_ready
+        except TimeoutError:
+            raise errors.UpstreamTimeout("the sandbox did not answer in time") from None
+
+
+class UpstreamPool:
+    """Connections to sandboxes, pooled per (incarnation, port)."""
+
+    def __init__(self, timeouts: UpstreamTimeouts) -> None:
+        self._timeouts = timeouts
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def request(
+        self,
+        target: Upstream,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        *,
+        chunked: bool,
+        head_only: bool,
+        expect_continue: bool = False,
+    ) -> UpstreamResponse:
+        """Send ``head`` (and ``body``) to ``target``; return once the response head is in.
+
+        Args:
+            head: the complete request head, ending in CRLF CRLF.
+            body: the request body, or None for none.
+            chunked: frame ``body`` with chunked encoding (the head says so).
+            head_only: a HEAD request (the response has no body whatever it says).
+            expect_continue: wait for the sandbox's 100 Continue before sending ``body``.
+
+        Raises:
+            errors.UpstreamRefused, errors.UpstreamTimeout, errors.UpstreamProtocolError.
+        """
+        key = (target.incarnation, target.port)
+        connection = self._take_idle(key) or await self._connect(target)
+        response = UpstreamResponse(self, key, head_only=head_only)
+        connection.start(response)
+        try:
+            await connection.write(head, idle_seconds=self._timeouts.read_idle_seconds)
+            if body is not None:
+                await self._send_body(connection, response, body, chunked, expect_continue)
+            else:
+                response.request_sent = True
+            await response._wait_head(self._timeouts.response_seconds)
+        except errors.UpstreamProtocolError:
+            response.release()
+            if connection.reused and body is None and not response.got_bytes:
+                # The sandbox closed an idle keep-alive connection just as we reused it;
+                # nothing was processed, so a bodiless request is safe to send again.
+                return await self.request(target, head, None, chunked=False, head_only=head_only)
+            raise
+        except BaseException:
+            response.release()
+            raise
+        return response
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connections in self._idle.values():
+            for connection in connections:
+                connection._abort()
+        self._idle.clear()
+
+    def idle_count(self) -> int:
+        return sum(len(c) for c in self._idle.values())
+
+    # Private methods ------------------------------------------------------------------
+
+    async def _send_body(
+        self,
+        connection: _Connection,
+        response: UpstreamResponse,
+        body: AsyncIterator[bytes],
+        chunked: bool,
+        expect_continue: bool,
+    ) -> None:
+        idle = self._timeouts.read_idle_seconds
+        if expect_continue:
+            # Servers may ignore Expect; RFC 9110 section 10.1.1 lets a client go ahead
+            # after a while without the 100.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXPECT_CONTINUE_WAIT_SECONDS):
+                    await response._continue.wait()
+            if response.status >= 200 or response._error is not None:
+                return  # the sandbox answered without wanting the body
+        async for chunk in body:
+            if response.status >= 200 or connection.closed:
+                return  # an early final answer: stop sending (the connection won't be reused)
+            if chunked:
+                await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), idle_seconds=idle)
+            else:
+                await connection.write(chunk, idle_seconds=idle)
+        if chunked:
+            await connection.write(b"0\r\n\r\n", idle_seconds=idle)
+        response.request_sent = True
+
+    async def _connect(self, target: Upstream) -> _Connection:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self._timeouts.connect_retry_window_seconds
+        while True:
+            try:
+                async with asyncio.timeout(self._timeouts.connect_seconds):
+                    _, connection = await loop.create_connection(
+                        _Connection, target.address, target.port
+                    )
+                return connection
+            except TimeoutError:
+                raise errors.UpstreamTimeout(
+                    f"connecting to port {target.port} of the sandbox timed out"
+                ) from None
+            except ConnectionRefusedError:
+                if time.monotonic() + _CONNECT_RETRY_STEP_SECONDS > deadline:
+                    raise errors.UpstreamRefused(
+                        f"nothing is listening on port {target.port}"
+                    ) from None
+                await asyncio.sleep(_CONNECT_RETRY_STEP_SECONDS)
+            except OSError as exc:
+                raise errors.UpstreamRefused(
+                    f"port {target.port} of the sandbox is unreachable: {exc.strerror}"
+                ) from None
+
+    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
+        connections = self._idle.get(key)
+        limit = time.monotonic() - self._timeouts.pool_idle_seconds
+        while connections:
+            connection = connections.pop()
+            if not connection.closed and connection.idle_since > limit:
+                connection.reused = True
+                return connection
+            connection._abort()
+        return None
+
+    def _put_idle(self, key: tuple[str, int], connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
+        self._idle.setdefault(key, []).append(connection)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close idle connections past their time, so a quiet pool holds no sockets."""
+        while self._idle:
+            await asyncio.sleep(self._timeouts.pool_idle_seconds)
+            limit = time.monotonic() - self._timeouts.pool_idle_seconds
+            for key in list(self._idle):
+                keep = []
+                for connection in self._idle[key]:
+                    if connection.closed or connection.idle_since <= limit:
+                        connection._abort()
+                    else:
+                        keep.append(connection)
+                if keep:
+                    self._idle[key] = keep
+                else:
+                    del self._idle[key]

@@ -1,0 +1,188 @@
+"""The in-process route cache in front of Redis.
+
+Contract:
+- A fresh entry answers without I/O (``fresh``). Entries are made stale, not deleted,
+  by ``invalidate`` (one label) and ``flush`` (all), so that while Redis is unreachable
+  the last known routes can still be served for ``stale_budget_seconds``.
+- Misses and stale entries are refilled with one Redis read per label at a time
+  (single-flight): a thousand requests for a cold label make one read.
+- A fill that raced an invalidation (read the old record, then the invalidation came,
+  then the old record would be stored) is not stored: the fill takes the flush epoch
+  before it reads, and a label invalidated while its fill is in flight is marked dirty.
+- Positive entries live ``positive_ttl_seconds`` (a backstop; invalidations normally
+  evict within milliseconds), negative ones ``negative_ttl_seconds``. While the
+  invalidation subscription is down, every fill gets the shorter of the two.
+- Size is bounded: past ``max_entries`` the oldest fills are dropped first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from gateway import errors
+from gateway.routing.model import Sandbox
+
+Reader = Callable[[str], Awaitable[Sandbox | None]]
+
+
+class Miss:
+    """The ``fresh`` answer for "no fresh entry: call ``lookup``"."""
+
+
+MISS = Miss()
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: Sandbox | None
+    fresh_until: float
+    epoch: int
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    stale_serves: int = 0
+    store_errors: int = 0
+    flushes: int = 0
+    invalidations: int = 0
+
+
+class RouteCache:
+    """Bounded route cache; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        reader: Reader,
+        *,
+        max_entries: int,
+        positive_ttl_seconds: float,
+        negative_ttl_seconds: float,
+        stale_budget_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._reader = reader
+        self._max_entries = max_entries
+        self._positive_ttl = positive_ttl_seconds
+        self._negative_ttl = negative_ttl_seconds
+        self._stale_budget = stale_budget_seconds
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._inflight: dict[str, asyncio.Future[Sandbox | None]] = {}
+        self._dirty: set[str] = set()
+        self._epoch = 0
+        self._subscribed = False
+        self._store_down_since: float | None = None
+        self.stats = CacheStats()
+        # Called with the label after an invalidation, with None after a flush (the
+        # gateway uses this to end sessions whose route went away).
+        self.listeners: list[Callable[[str | None], None]] = []
+
+    # Public methods -------------------------------------------------------------------
+
+    def fresh(self, label: str) -> Sandbox | Miss | None:
+        """The fresh cached record of ``label`` (None: known absent), or ``MISS``."""
+        entry = self._entries.get(label)
+        if entry is not None and entry.epoch == self._epoch and entry.fresh_until > self._clock():
+            self.stats.hits += 1
+            return entry.record
+        return MISS
+
+    async def lookup(self, label: str) -> Sandbox | None:
+        """The record of ``label``: fresh from cache, else read (once) from Redis.
+
+        Raises:
+            errors.RouteStoreUnavailable: Redis unreachable and no cached answer young
+                enough to serve.
+        """
+        cached = self.fresh(label)
+        if not isinstance(cached, Miss):
+            return cached
+        self.stats.misses += 1
+        future = self._inflight.get(label)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._inflight[label] = future
+            await self._fill(label, future)
+        try:
+            # shield: one waiter leaving must not cancel the fill the others wait for.
+            return await asyncio.shield(future)
+        except errors.StoreUnavailable:
+            return self._stale_or_raise(label)
+
+    def invalidate(self, label: str, gen: int) -> None:
+        """A writer changed ``label`` to generation ``gen``: never serve older from cache."""
+        self.stats.invalidations += 1
+        entry = self._entries.get(label)
+        if entry is not None and (entry.record is None or entry.record.gen < gen):
+            entry.fresh_until = 0.0
+        if label in self._inflight:
+            self._dirty.add(label)
+        for listener in self.listeners:
+            listener(label)
+
+    def flush(self) -> None:
+        """Make every entry stale (after a lost or re-made subscription)."""
+        self.stats.flushes += 1
+        self._epoch += 1  # fills in flight see the epoch move and don't store
+        for listener in self.listeners:
+            listener(None)
+
+    def set_subscribed(self, subscribed: bool) -> None:
+        """Tell the cache whether invalidations are being received; both changes flush."""
+        self._subscribed = subscribed
+        self.flush()
+
+    @property
+    def subscribed(self) -> bool:
+        return self._subscribed
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # Private methods ------------------------------------------------------------------
+
+    async def _fill(self, label: str, future: asyncio.Future[Sandbox | None]) -> None:
+        epoch = self._epoch
+        try:
+            record = await self._reader(label)
+        except errors.StoreUnavailable as exc:
+            self.stats.store_errors += 1
+            if self._store_down_since is None:
+                self._store_down_since = self._clock()
+            future.set_exception(exc)
+            return
+        except BaseException as exc:  # cancellation included: the waiters must wake
+            future.set_exception(exc)
+            raise
+        finally:
+            del self._inflight[label]
+        self._store_down_since = None
+        if epoch == self._epoch and label not in self._dirty:
+            self._store(label, record)
+        self._dirty.discard(label)
+        future.set_result(record)
+
+    def _store(self, label: str, record: Sandbox | None) -> None:
+        ttl = self._positive_ttl if record is not None else self._negative_ttl
+        if not self._subscribed:
+            ttl = min(ttl, self._negative_ttl)
+        self._entries.pop(label, None)
+        if len(self._entries) >= self._max_entries:
+            del self._entries[next(iter(self._entries))]
+        self._entries[label] = _Entry(record, self._clock() + ttl, self._epoch)
+
+    def _stale_or_raise(self, label: str) -> Sandbox | None:
+        entry = self._entries.get(label)
+        down_since = self._store_down_since
+        in_budget = down_since is not None and self._clock() - down_since < self._stale_budget
+        if entry is not None and in_budget:
+            self.stats.stale_serves += 1
+            return entry.record
+        raise errors.RouteStoreUnavailable(
+            "the route table is unreachable; try again in a few seconds"
+        )

@@ -1,0 +1,435 @@
+"""The route table on redis.asyncio: the reader, the writer and the settings.
+
+The one module that talks to Redis about routes (the watcher only subscribes). Redis
+errors are translated into ``errors.StoreUnavailable`` here, in ``redis_errors()``, and
+nowhere else.
+
+Strategy for writes (docs/route-table.md, "Writing"): read the label's generation and
+record; judge the operation with the lifecycle table (``model.check``); compute the new
+record with a pure effect; then ``write_record.lua`` replaces the record, bumps the
+generation and publishes the invalidation atomically, but only if the generation is still
+the one read. A lost race is retried from the read. The event is appended afterwards
+(at-least-once; it carries the generation, so consumers can spot gaps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from gateway import errors
+from gateway.routing import model, rules, schema
+from gateway.routing.model import Op, PortOptions, Sandbox
+
+_T = TypeVar("_T")
+# Races on one label are rare and short (a handful of writers at most); past this many
+# lost compare-and-sets something is wrong and the caller should hear about it.
+MAX_WRITE_ATTEMPTS = 64
+EVENT_APPEND_ATTEMPTS = 3
+
+_EVENT_TYPES = {
+    Op.CREATE: "sandbox.created",
+    Op.EXPOSE: "port.exposed",
+    Op.CLOSE: "port.closed",
+    Op.PAUSE: "sandbox.paused",
+    Op.RESUME: "sandbox.resumed",
+    Op.TERMINATE: "sandbox.terminated",
+}
+
+Redis = aioredis.Redis
+
+
+def open_redis(url: str, *, timeout_seconds: float = 2.0) -> Redis:
+    """A client for ``url`` (redis://, rediss:// or unix://) with bounded socket waits."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+    )
+
+
+@contextlib.contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Translate Redis and socket failures into ``StoreUnavailable`` naming ``what``."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        raise errors.StoreUnavailable(f"Redis unreachable during {what}: {exc}") from None
+    except TimeoutError:
+        raise errors.StoreUnavailable(f"Redis did not answer in time during {what}") from None
+    except redis.exceptions.ResponseError as exc:
+        raise errors.StoreUnavailable(f"Redis refused {what}: {exc}") from None
+
+
+async def _bounded(what: str, timeout_seconds: float, call: Awaitable[_T]) -> _T:
+    with redis_errors(what):
+        async with asyncio.timeout(timeout_seconds):
+            return await call
+
+
+def load_script(name: str) -> str:
+    """The text of a shipped Lua script (also loadable by control planes in any language)."""
+    return resources.files("gateway.routing").joinpath("lua", name).read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------
+
+
+async def write_settings(client: Redis, settings: schema.TableSettings) -> None:
+    """Store the table's settings (``gateway serve`` does this at start and when missing)."""
+    await _bounded("writing table settings", 5.0, client.hset(
+        schema.META_KEY, mapping=dict(schema.encode_settings(settings))  # type: ignore[arg-type]
+    ))  # fmt: skip
+
+
+async def read_settings(client: Redis, *, timeout_seconds: float = 2.0) -> schema.TableSettings:
+    """The table's settings, checked against this code's schema version.
+
+    Raises:
+        errors.TableNotInitialised: no settings (no ``gateway serve`` ever wrote them).
+        errors.SchemaMismatch: written by an incompatible version.
+        errors.StoreUnavailable: Redis unreachable.
+    """
+    raw = await _bounded("reading table settings", timeout_seconds, client.hgetall(
+        schema.META_KEY
+    ))  # fmt: skip
+    try:
+        settings = schema.decode_settings(raw)
+    except ValueError as exc:
+        raise errors.SchemaMismatch(str(exc)) from None
+    if settings is None:
+        raise errors.TableNotInitialised(
+            f"the route table has no settings ({schema.META_KEY} is missing): "
+            "start `gateway serve` on this Redis first"
+        )
+    if settings.schema_version != schema.SCHEMA_VERSION:
+        raise errors.SchemaMismatch(
+            f"the route table has schema version {settings.schema_version}; this gateway "
+            f"speaks version {schema.SCHEMA_VERSION}"
+        )
+    return settings
+
+
+# ---------------------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------------------
+
+
+class RouteReader:
+    """One-read lookups of a label's record, for the gateway's cache misses."""
+
+    def __init__(self, client: Redis, *, timeout_seconds: float) -> None:
+        self._client = client
+        self._timeout = timeout_seconds
+
+    async def get(self, label: str) -> Sandbox | None:
+        """The record under ``label`` (a tombstone included), or None.
+
+        Raises:
+            errors.StoreUnavailable: Redis unreachable, slow, or the record unreadable.
+        """
+        raw = await _bounded("a route lookup", self._timeout, self._client.hgetall(
+            schema.sandbox_key(label)
+        ))  # fmt: skip
+        try:
+            return schema.decode_sandbox(raw)
+        except ValueError as exc:
+            raise errors.StoreUnavailable(f"label {label!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """One exposed port as the interfaces show it."""
+
+    port: int
+    url: str
+    sandbox_id: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"port": self.port, "url": self.url, "sandboxId": self.sandbox_id}
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    record: Sandbox
+    changed: bool
+    previous: Sandbox | None
+
+
+def new_incarnation() -> str:
+    return os.urandom(8).hex()
+
+
+class RouteWriter:
+    """The control plane's operations on the route table (library, CLI and API share it).
+
+    Every method validates its input before touching anything, applies the lifecycle
+    table, and raises ``errors.ControlError`` subclasses with clear messages.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        timeout_seconds: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout_seconds
+        self._clock = clock
+        self._script = client.register_script(load_script("write_record.lua"))
+
+    # Public methods -------------------------------------------------------------------
+
+    async def settings(self) -> schema.TableSettings:
+        return await read_settings(self._client, timeout_seconds=self._timeout)
+
+    async def create(
+        self,
+        sandbox_id: object,
+        *,
+        address: object,
+        allow_ports: object | None = None,
+        limits: dict[str, int] | None = None,
+    ) -> Sandbox:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        ip = rules.check_address(address, networks=_networks(settings))
+        ports = None if allow_ports is None else rules.parse_port_list(allow_ports)
+        label = rules.label_of(sid, label_length=settings.label_length)
+
+        def effect(_: Sandbox | None) -> Sandbox:
+            return model.created(
+                sid, label=label, address=ip, incarnation=new_incarnation(),
+                now=self._clock(), allow_ports=ports, limits=limits,
+            )  # fmt: skip
+
+        return (await self._write(settings, sid, Op.CREATE, effect)).record
+
+    async def show(self, sandbox_id: object) -> Sandbox:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        _, record = await self._read(rules.label_of(sid, label_length=settings.label_length))
+        model.check(Op.SHOW, record, sid)
+        assert record is not None
+        return record
+
+    async def expose(
+        self, sandbox_id: object, port: object, *, host_rewrite: bool = False
+    ) -> tuple[Exposure, bool]:
+        """Expose ``port``; returns the exposure and whether this call created it."""
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        number = rules.parse_port(port)
+        options = PortOptions(host_rewrite=host_rewrite)
+
+        def effect(record: Sandbox | None) -> Sandbox:
+            assert record is not None
+            if record.allow_ports is not None and number not in record.allow_ports:
+                raise errors.RuleViolation(
+                    f"port {number} is not in allowPorts of sandbox {sid!r}",
+                    code="port_not_allowed",
+                )
+            rules.check_not_listener(record.address, number, settings.listener_endpoints())
+            previous = record.ports.get(number)
+            if previous is not None and previous.extra:
+                keep = dataclasses.replace(options, extra=previous.extra)
+                return model.exposed(record, number, keep, now=self._clock())
+            return model.exposed(record, number, options, now=self._clock())
+
+        result = await self._write(settings, sid, Op.EXPOSE, effect, port=number)
+        first_time = result.changed and number not in _present(result.previous).ports
+        return Exposure(number, settings.public_url(number, result.record.label), sid), first_time
+
+    async def list_ports(self, sandbox_id: object) -> list[Exposure]:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        _, record = await self._read(rules.label_of(sid, label_length=settings.label_length))
+        model.check(Op.LIST, record, sid)
+        assert record is not None
+        return exposures(record, settings)
+
+    async def close(self, sandbox_id: object, port: object) -> Sandbox:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        number = rules.parse_port(port)
+        result = await self._write(
+            settings, sid, Op.CLOSE,
+            lambda r: model.closed(_present(r), number, now=self._clock()), port=number,
+        )  # fmt: skip
+        return result.record
+
+    async def pause(self, sandbox_id: object) -> Sandbox:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        result = await self._write(
+            settings, sid, Op.PAUSE, lambda r: model.paused(_present(r), now=self._clock())
+        )
+        return result.record
+
+    async def resume(self, sandbox_id: object, *, address: object | None = None) -> Sandbox:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        ip = None if address is None else rules.check_address(address, networks=_networks(settings))
+
+        def effect(record: Sandbox | None) -> Sandbox:
+            record = _present(record)
+            for port in record.ports if ip else ():
+                rules.check_not_listener(ip or "", port, settings.listener_endpoints())
+            return model.resumed(
+                record, address=ip, incarnation=new_incarnation(), now=self._clock()
+            )
+
+        return (await self._write(settings, sid, Op.RESUME, effect)).record
+
+    async def terminate(self, sandbox_id: object) -> Sandbox:
+        settings = await self.settings()
+        sid = rules.check_sandbox_id(sandbox_id, label_length=settings.label_length)
+        result = await self._write(
+            settings, sid, Op.TERMINATE, lambda r: model.terminated(_present(r), now=self._clock())
+        )
+        return result.record
+
+    # Private methods ------------------------------------------------------------------
+
+    async def _read(self, label: str) -> tuple[int, Sandbox | None]:
+        gen_raw, raw = await _bounded("reading a sandbox", self._timeout, _read_pair(
+            self._client, label
+        ))  # fmt: skip
+        try:
+            return int(gen_raw or 0), schema.decode_sandbox(raw)
+        except ValueError as exc:
+            raise errors.StoreUnavailable(f"label {label!r}: {exc}") from None
+
+    async def _write(
+        self,
+        settings: schema.TableSettings,
+        sandbox_id: str,
+        op: Op,
+        effect: Callable[[Sandbox | None], Sandbox],
+        *,
+        port: int | None = None,
+    ) -> WriteResult:
+        label = rules.label_of(sandbox_id, label_length=settings.label_length)
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            gen, record = await self._read(label)
+            if model.check(op, record, sandbox_id) is not model.Verdict.APPLY:
+                return WriteResult(_present(record), changed=False, previous=record)
+            new = effect(record)
+            if new is record:
+                return WriteResult(new, changed=False, previous=record)
+            ttl = settings.quarantine_seconds if new.state is model.State.TERMINATED else 0
+            won, new_gen = await self._compare_and_set(label, gen, new, ttl)
+            if won:
+                written = dataclasses.replace(new, gen=new_gen)
+                await self._append_event(settings, op, written, port=port, previous=record)
+                return WriteResult(written, changed=True, previous=record)
+        raise errors.StoreUnavailable(f"too many concurrent writes to label {label!r}; retry")
+
+    async def _compare_and_set(
+        self, label: str, gen: int, record: Sandbox, ttl: int
+    ) -> tuple[bool, int]:
+        flat: list[str] = []
+        for name, value in schema.encode_sandbox(record).items():
+            flat += [name, value]
+        keys = [schema.sandbox_key(label), schema.gen_key(label)]
+        argv = [str(gen), str(ttl), schema.INVALIDATION_CHANNEL, label, *flat]
+        reply = await _bounded("writing a sandbox", self._timeout, self._script(
+            keys=keys, args=argv
+        ))  # fmt: skip
+        return bool(int(reply[0])), int(reply[1])
+
+    async def _append_event(
+        self,
+        settings: schema.TableSettings,
+        op: Op,
+        record: Sandbox,
+        *,
+        port: int | None,
+        previous: Sandbox | None,
+    ) -> None:
+        url = None if port is None else settings.public_url(port, record.label)
+        if op is Op.CLOSE and previous is not None and port not in previous.ports:
+            return  # closing a port that was never open changed nothing
+        fields = schema.event_fields(_EVENT_TYPES[op], record, gen=record.gen, port=port, url=url)
+        for attempt in range(EVENT_APPEND_ATTEMPTS):
+            try:
+                await _bounded("appending an event", self._timeout, self._client.xadd(
+                    schema.EVENTS_STREAM, dict(fields),  # type: ignore[arg-type]
+                    maxlen=settings.events_max_length, approximate=True,
+                ))  # fmt: skip
+                return
+            except errors.StoreUnavailable:
+                if attempt == EVENT_APPEND_ATTEMPTS - 1:
+                    raise errors.StoreUnavailable(
+                        f"the change was applied (gen {record.gen}) but its event could not "
+                        "be recorded: Redis unreachable"
+                    ) from None
+
+
+async def _read_pair(client: Redis, label: str) -> tuple[Any, Any]:
+    # GET before HGETALL: if a write lands in between, the record is newer than the
+    # generation read, and the compare-and-set refuses; the writer then reads again.
+    gen = await client.get(schema.gen_key(label))
+    raw = await client.hgetall(schema.sandbox_key(label))
+    return gen, raw
+
+
+def _present(record: Sandbox | None) -> Sandbox:
+    assert record is not None
+    return record
+
+
+def _networks(settings: schema.TableSettings) -> list[rules.IPNetwork]:
+    return [ipaddress.ip_network(n) for n in settings.sandbox_networks]
+
+
+def exposures(record: Sandbox, settings: schema.TableSettings) -> list[Exposure]:
+    return [
+        Exposure(port, settings.public_url(port, record.label), record.id)
+        for port in sorted(record.ports)
+    ]
+
+
+# ---------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------
+
+
+async def read_events(
+    client: Redis, *, follow: bool, block_seconds: float = 5.0, after: str = "0-0"
+) -> AsyncIterator[dict[str, object]]:
+    """Events from the stream, oldest first; with ``follow``, then new ones as they come.
+
+    Each blocking read is bounded (``block_seconds``) and simply repeated, so a dead
+    Redis is noticed instead of waited on for ever.
+    """
+    last = after
+    while True:
+        block = int(block_seconds * 1000) if follow else None
+        timeout = block_seconds + 5.0
+        reply: Any = await _bounded("reading events", timeout, client.xread(
+            {schema.EVENTS_STREAM: last}, count=1000, block=block
+        ))  # fmt: skip
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = reply[0][1] if reply else []
+        for entry_id, fields in entries:
+            last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            yield schema.decode_event(entry_id, fields)
+        if not follow and not entries:
+            return

@@ -1,0 +1,134 @@
+"""The invalidation subscriber: keeps the route cache honest.
+
+Strategy (DESIGN.md section 7): Redis pub/sub drops messages published while a
+subscriber is disconnected, so the cache is flushed whenever the subscription is (re)made:
+after our own reconnects, and after redis-py's silent re-subscribe (seen as a second
+``subscribe`` confirmation on the same PubSub). A subscription can also go quiet without
+dropping (a black hole), so the watcher publishes a heartbeat to itself on the same
+channel; when none has come back for ``HEARTBEAT_MISSES`` intervals, the subscription is
+treated as lost: the cache is told (it flushes and shortens TTLs) and the watcher
+subscribes again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from gateway.routing import schema
+from gateway.routing.cache import RouteCache
+
+log = logging.getLogger("gateway.watcher")
+
+HEARTBEAT_MISSES = 4
+RECONNECT_BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class SubscriptionLost(Exception):
+    """The subscription stopped delivering (dropped, or our heartbeats stopped coming back)."""
+
+
+class InvalidationWatcher:
+    """Runs for ever (until cancelled), applying invalidations to ``cache``."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        cache: RouteCache,
+        *,
+        heartbeat_interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._cache = cache
+        self._interval = heartbeat_interval_seconds
+        self._clock = clock
+        self._replica = os.urandom(6).hex()
+        self._beat_prefix = f"{schema.HEARTBEAT_PREFIX}{self._replica}:".encode()
+        self._last_beat = clock()
+        self.resubscribes = 0
+
+    async def run(self) -> None:
+        """Subscribe, apply messages, and re-subscribe after any loss, for ever."""
+        failures = 0
+        beats = asyncio.create_task(self._publish_heartbeats())
+        try:
+            while True:
+                try:
+                    await self._watch_once()
+                except (SubscriptionLost, redis.exceptions.RedisError, OSError) as exc:
+                    self._cache.set_subscribed(False)
+                    log.warning("invalidation subscription lost: %s", exc)
+                delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
+                failures += 1
+                await asyncio.sleep(delay)
+        finally:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+
+    # Private methods ------------------------------------------------------------------
+
+    async def _watch_once(self) -> None:
+        async with self._subscription() as pubsub:
+            confirmed = False
+            self._last_beat = self._clock()
+            while True:
+                message = await asyncio.wait_for(
+                    pubsub.get_message(timeout=self._interval), self._interval + 5.0
+                )
+                if message is not None:
+                    confirmed = self._handle(message, confirmed)
+                if self._clock() - self._last_beat > self._interval * HEARTBEAT_MISSES:
+                    raise SubscriptionLost("no heartbeat came back")
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self) -> AsyncIterator[aioredis.client.PubSub]:
+        pubsub = self._client.pubsub()
+        try:
+            async with asyncio.timeout(5.0):
+                await pubsub.subscribe(schema.INVALIDATION_CHANNEL)
+            yield pubsub
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _handle(self, message: dict[str, object], confirmed: bool) -> bool:
+        kind = message.get("type")
+        if kind == "subscribe":
+            if confirmed:
+                # redis-py re-subscribed on its own after a reconnect: anything published
+                # in between is lost, so nothing cached can be trusted.
+                self.resubscribes += 1
+            self._cache.set_subscribed(True)
+            self._last_beat = self._clock()
+            return True
+        if kind != "message":
+            return confirmed
+        data = message.get("data")
+        if isinstance(data, bytes) and data.startswith(self._beat_prefix):
+            self._last_beat = self._clock()
+        elif isinstance(data, bytes | str):
+            parsed = schema.parse_invalidation(data)
+            if parsed is not None:
+                self._cache.invalidate(*parsed)
+        return confirmed
+
+    async def _publish_heartbeats(self) -> None:
+        seq = 0
+        while True:
+            seq += 1
+            beat = f"{schema.HEARTBEAT_PREFIX}{self._replica}:{seq}"
+            # A failed publish just means a missed beat; the reader side decides.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._interval * 2):
+                    await self._client.publish(schema.INVALIDATION_CHANNEL, beat)
+            await asyncio.sleep(self._interval)
