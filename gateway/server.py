@@ -88,7 +88,7 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, str]], None]) -
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with redis_for(config) as url, _gateway(config, url) as running:
+    async with redis_for(config) as url, run_gateway(config, url) as running:
         on_ready(
             {
                 "event": "ready",
@@ -101,7 +101,8 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, str]], None]) -
 
 
 @contextlib.asynccontextmanager
-async def _gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
+async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
+    """The gateway on ``redis_url``, running for the duration of the ``async with``."""
     client = store.open_redis(redis_url, timeout_seconds=config.redis.write_timeout_seconds)
     await _refuse_other_schema(client)
     cache = RouteCache(

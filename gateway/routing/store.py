@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway import errors
@@ -48,10 +49,20 @@ _EVENT_TYPES = {
 }
 
 Redis = aioredis.Redis
+# Everything here takes either client: every per-sandbox command and script names keys of
+# one label, which share a hash slot, so nothing needs a cross-slot pipeline.
+Client = aioredis.Redis | redis.asyncio.cluster.RedisCluster
+# ``read_events`` keeps each blocking XREAD this much shorter than the client's socket
+# timeout, so a quiet stream is never mistaken for a dead Redis.
+_BLOCK_MARGIN_SECONDS = 0.5
 
 
 def open_redis(url: str, *, timeout_seconds: float = 2.0) -> Redis:
-    """A client for ``url`` (redis://, rediss:// or unix://) with bounded socket waits."""
+    """A client for ``url`` (redis://, rediss:// or unix://) with bounded socket waits.
+
+    Raises:
+        ValueError: ``url`` is not a Redis URL (the message names the schemes accepted).
+    """
     return aioredis.Redis.from_url(
         url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
     )
@@ -68,6 +79,9 @@ def redis_errors(what: str) -> Iterator[None]:
         raise errors.StoreUnavailable(f"Redis did not answer in time during {what}") from None
     except redis.exceptions.ResponseError as exc:
         raise errors.StoreUnavailable(f"Redis refused {what}: {exc}") from None
+    except redis.exceptions.RedisError as exc:
+        # Cluster trouble (slots not covered, too many redirections) and the like.
+        raise errors.StoreUnavailable(f"Redis failed during {what}: {exc}") from None
 
 
 async def _bounded(what: str, timeout_seconds: float, call: Awaitable[_T]) -> _T:
@@ -86,14 +100,14 @@ def load_script(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-async def write_settings(client: Redis, settings: schema.TableSettings) -> None:
+async def write_settings(client: Client, settings: schema.TableSettings) -> None:
     """Store the table's settings (``gateway serve`` does this at start and when missing)."""
     await _bounded("writing table settings", 5.0, client.hset(
         schema.META_KEY, mapping=dict(schema.encode_settings(settings))  # type: ignore[arg-type]
     ))  # fmt: skip
 
 
-async def read_settings(client: Redis, *, timeout_seconds: float = 2.0) -> schema.TableSettings:
+async def read_settings(client: Client, *, timeout_seconds: float = 2.0) -> schema.TableSettings:
     """The table's settings, checked against this code's schema version.
 
     Raises:
@@ -129,7 +143,7 @@ async def read_settings(client: Redis, *, timeout_seconds: float = 2.0) -> schem
 class RouteReader:
     """One-read lookups of a label's record, for the gateway's cache misses."""
 
-    def __init__(self, client: Redis, *, timeout_seconds: float) -> None:
+    def __init__(self, client: Client, *, timeout_seconds: float) -> None:
         self._client = client
         self._timeout = timeout_seconds
 
@@ -185,7 +199,7 @@ class RouteWriter:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         *,
         timeout_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
@@ -383,7 +397,7 @@ class RouteWriter:
                     ) from None
 
 
-async def _read_pair(client: Redis, label: str) -> tuple[Any, Any]:
+async def _read_pair(client: Client, label: str) -> tuple[Any, Any]:
     # GET before HGETALL: if a write lands in between, the record is newer than the
     # generation read, and the compare-and-set refuses; the writer then reads again.
     gen = await client.get(schema.gen_key(label))
@@ -413,16 +427,19 @@ def exposures(record: Sandbox, settings: schema.TableSettings) -> list[Exposure]
 
 
 async def read_events(
-    client: Redis, *, follow: bool, block_seconds: float = 5.0, after: str = "0-0"
+    client: Client, *, follow: bool, block_seconds: float = 5.0, after: str = "0-0"
 ) -> AsyncIterator[dict[str, object]]:
     """Events from the stream, oldest first; with ``follow``, then new ones as they come.
 
-    Each blocking read is bounded (``block_seconds``) and simply repeated, so a dead
-    Redis is noticed instead of waited on for ever.
+    Each blocking read is bounded and simply repeated, so a dead Redis is noticed instead
+    of waited on for ever. A blocking read lasts ``block_seconds`` at most, and always
+    less than the client's socket timeout: otherwise a quiet stream would look like a
+    Redis that stopped answering.
     """
+    block_seconds = _block_within_socket_timeout(client, block_seconds)
     last = after
     while True:
-        block = int(block_seconds * 1000) if follow else None
+        block = max(1, int(block_seconds * 1000)) if follow else None
         timeout = block_seconds + 5.0
         reply: Any = await _bounded("reading events", timeout, client.xread(
             {schema.EVENTS_STREAM: last}, count=1000, block=block
@@ -433,3 +450,14 @@ async def read_events(
             yield schema.decode_event(entry_id, fields)
         if not follow and not entries:
             return
+
+
+def _block_within_socket_timeout(client: Client, block_seconds: float) -> float:
+    kwargs: dict[str, Any] = getattr(
+        getattr(client, "connection_pool", None), "connection_kwargs", None
+    ) or getattr(client, "connection_kwargs", {})
+    socket_timeout = kwargs.get("socket_timeout")
+    if isinstance(socket_timeout, int | float) and socket_timeout > 0:
+        return max(0.05, min(block_seconds, socket_timeout - _BLOCK_MARGIN_SECONDS))
+    return block_seconds
+
