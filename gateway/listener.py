@@ -169,9 +169,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.disarm()
-        if self._transport is not None and (
-            self._inner is not None or self._proxy_buffer is not None
-        ):
+        if self._counted:
+            self._counted = False
             self._listener.active -= 1
         if self._seen is not None:
             self._listener._by_transport.pop(self._seen, None)
