@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,19 +29,42 @@ from gateway.routing import store
 Command = Callable[[store.RouteWriter, argparse.Namespace], Awaitable[Any]]
 
 
+# How long one blocking read of `gateway events --follow` waits; the events client's
+# socket timeout is longer, so a quiet stream never looks like a dead Redis.
+EVENTS_BLOCK_SECONDS = 5.0
+STATE_DIR_SOURCE = "the embedded Redis recorded in the state dir"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    """Run one command; returns the exit status (0 ok, 1 refused, 2 bad usage, 130 ^C)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
         return asyncio.run(_run_writer_command(args))
     except (errors.GatewayError, ConfigError) as exc:
-        message = exc.message if isinstance(exc, errors.GatewayError) else str(exc)
-        print(f"gateway: {message}", file=sys.stderr)
+        _fail(exc.message if isinstance(exc, errors.GatewayError) else str(exc))
+        return 1
+    except OSError as exc:
+        # E.g. a listener address already in use: the operator needs the reason, not a trace.
+        _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str) -> None:
+    """The one line on stderr every failure gets (messages may quote multi-line text)."""
+    print(f"gateway: {' '.join(message.split())}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (its default prints the whole usage first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        _fail(f"{self.prog}: {message} (see {self.prog} --help)")
+        sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -88,24 +112,57 @@ def load_serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> C
 
 
 async def _run_writer_command(args: argparse.Namespace) -> int:
-    client = store.open_redis(_redis_url(args))
+    url, source = _redis_url(args)
+    timeout = EVENTS_BLOCK_SECONDS + 2.0 if args.command == "events" else 2.0
     try:
-        writer = store.RouteWriter(client)
-        if args.command == "events":
-            async for event in store.read_events(client, follow=args.follow):
-                print(json.dumps(event), flush=True)
-            return 0
-        result = await args.handler(writer, args)
-        print(json.dumps(result))
-        return 0
+        client = store.open_redis(url, timeout_seconds=timeout)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        if source == STATE_DIR_SOURCE:
+            await _check_embedded_answers(client, url)
+        return await _run_on(client, args)
     finally:
         await client.aclose()
 
 
-def _redis_url(args: argparse.Namespace) -> str:
-    url = args.redis_url or os.environ.get("GATEWAY_REDIS_URL")
+async def _check_embedded_answers(client: store.Redis, url: str) -> None:
+    """A URL left behind by a serve that crashed names a socket nobody answers on."""
+    try:
+        with store.redis_errors("a ping"):
+            async with asyncio.timeout(2.0):
+                await client.ping()
+    except errors.StoreUnavailable:
+        raise errors.StoreUnavailable(
+            f"no gateway serve is running on this machine (the embedded Redis it recorded, "
+            f"{url}, does not answer); start `gateway serve` or pass --redis-url"
+        ) from None
+
+
+async def _run_on(client: store.Redis, args: argparse.Namespace) -> int:
+    try:
+        if args.command == "events":
+            async for event in store.read_events(
+                client, follow=args.follow, block_seconds=EVENTS_BLOCK_SECONDS
+            ):
+                print(json.dumps(event), flush=True)
+            return 0
+        result = await args.handler(store.RouteWriter(client), args)
+        print(json.dumps(result), flush=True)
+    except BrokenPipeError:
+        # `gateway events | head`: the reader is gone, which is not an error of ours.
+        # Point stdout at /dev/null so the interpreter's flush at exit fails quietly too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _redis_url(args: argparse.Namespace) -> tuple[str, str]:
+    """The Redis URL and where it came from (for error messages)."""
+    if args.redis_url:
+        return str(args.redis_url), "--redis-url"
+    url = os.environ.get("GATEWAY_REDIS_URL")
     if url:
-        return str(url)
+        return url, "GATEWAY_REDIS_URL"
     state_dir = embedded.default_state_dir()
     recorded = embedded.recorded_url(state_dir)
     if recorded is None:
@@ -113,7 +170,7 @@ def _redis_url(args: argparse.Namespace) -> str:
             f"no gateway serve is running on this machine (no embedded Redis found in "
             f"{state_dir}); start `gateway serve` or pass --redis-url"
         )
-    return recorded
+    return recorded, STATE_DIR_SOURCE
 
 
 async def _sandbox_create(writer: store.RouteWriter, args: argparse.Namespace) -> Any:
@@ -155,11 +212,12 @@ async def _ports_close(writer: store.RouteWriter, args: argparse.Namespace) -> A
 # ---------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gateway`` argument parser (every subcommand takes ``--redis-url``)."""
+    common = _Parser(add_help=False)
     common.add_argument("--redis-url", help="Redis URL (default: $GATEWAY_REDIS_URL, then "
                         "the embedded Redis of a local `gateway serve`)")  # fmt: skip
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gateway", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")

@@ -29,6 +29,8 @@ ENV_PREFIX = "GATEWAY_"
 _ENV_NOT_KEYS = frozenset({"REDIS_URL", "ADMIN_TOKEN", "REDIS_SERVER"})
 _ENV_IGNORED_PREFIXES = ("TEST_",)
 
+_REDIS_SCHEMES = ("redis:", "rediss:", "unix:")
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _T = typing.TypeVar("_T")
 
@@ -207,7 +209,7 @@ def _tree_from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         if rest in _ENV_NOT_KEYS or rest.startswith(_ENV_IGNORED_PREFIXES):
             continue
         path = [part.lower() for part in rest.split("__")]
-        _merge(tree, _nest(path, _env_value(name, raw)))
+        _merge(tree, _nest(path, _env_value(name, raw, _is_text_key(path))))
     if url := environ.get(ENV_PREFIX + "REDIS_URL"):
         _merge(tree, {"redis": {"url": url}})
     if token := environ.get(ENV_PREFIX + "ADMIN_TOKEN"):
@@ -215,11 +217,30 @@ def _tree_from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     return tree
 
 
-def _env_value(name: str, raw: str) -> Any:
+def _env_value(name: str, raw: str, text_key: bool) -> Any:
+    if not raw.strip():
+        return None
+    if text_key:
+        # Taken as written: YAML would turn "1:20" into 80 and "a: b" into a mapping.
+        return raw
     try:
-        return yaml.safe_load(raw) if raw.strip() else None
+        return yaml.safe_load(raw)
     except yaml.YAMLError:
         raise ConfigError(f"{name}: {raw!r} is not a valid value") from None
+
+
+def _is_text_key(path: list[str]) -> bool:
+    """Whether ``path`` names a text-valued key (unknown paths: no; _build reports them)."""
+    cls: Any = Config
+    for i, part in enumerate(path):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return False
+        hint = hints[part]
+        if i == len(path) - 1:
+            return hint in (str, str | None)
+        cls = hint
+    return False
 
 
 def _nest(path: list[str], value: Any) -> dict[str, Any]:
@@ -302,6 +323,11 @@ def _validate(config: Config) -> None:
     template = config.routing.public_url_template
     if template is not None and ("{port}" not in template or "{label}" not in template):
         raise ConfigError("routing.public_url_template: must contain {port} and {label}")
+    if config.redis.url is not None and not config.redis.url.startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            f"redis.url: {config.redis.url!r} is not a Redis URL "
+            f"({', '.join(s + '//' for s in _REDIS_SCHEMES)})"
+        )
     if config.workers < 1:
         raise ConfigError("workers: must be at least 1")
     _check_positive(config)

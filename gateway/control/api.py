@@ -227,11 +227,15 @@ def sandbox_json(record: Sandbox, settings: TableSettings) -> dict[str, Any]:
 async def _json_object(
     request: web.Request, *, allowed: set[str], empty_ok: bool = False
 ) -> dict[str, Any]:
-    text = await request.text()
-    if not text.strip() and empty_ok:
+    # Bytes, not request.text(): a body that is not UTF-8 is malformed JSON (400), not an
+    # UnicodeDecodeError escaping as a 500.
+    data = await request.read()
+    if not data.strip() and empty_ok:
         return {}
     try:
-        body = json.loads(text)
+        body = json.loads(data)
+    except UnicodeDecodeError:
+        raise errors.MalformedRequest("the request body is not valid JSON: not UTF-8") from None
     except ValueError as exc:
         raise errors.MalformedRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):

@@ -47,27 +47,32 @@ def label_of(sandbox_id: str, *, label_length: int) -> str:
 def parse_port(value: object) -> int:
     """A port that may be exposed: 1024-65535, given as an int or as decimal text.
 
-    Below 1024 is refused as reserved; anything else that is not 1024-65535 as invalid.
+    Below 1024 (0 included) is refused as reserved; anything else that is not 1024-65535
+    (negative, too large, not a number, a leading zero, a bool) as invalid.
     """
+    allowed = f"sandboxes may expose {MIN_PORT}-{MAX_PORT}"
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise RuleViolation(f"port {value!r} is not a number", code="invalid_port")
+        raise RuleViolation(
+            f"port {value!r} is invalid: not a number; {allowed}", code="invalid_port"
+        )
     text = str(value)
     if not text.isascii() or not text.isdigit():
-        raise RuleViolation(f"port {value!r} is not a number", code="invalid_port")
+        what = "negative" if _is_negative_integer(text) else "not a number"
+        raise RuleViolation(f"port {value!r} is invalid: {what}; {allowed}", code="invalid_port")
     if len(text) > 1 and text.startswith("0"):
-        raise RuleViolation(f"port {value!r} has a leading zero", code="invalid_port")
+        raise RuleViolation(
+            f"port {value!r} is invalid: it has a leading zero; {allowed}", code="invalid_port"
+        )
     port = int(text)
     if port < MIN_PORT:
-        raise RuleViolation(
-            f"port {port} is reserved: sandboxes may expose {MIN_PORT}-{MAX_PORT}",
-            code="reserved_port",
-        )
+        raise RuleViolation(f"port {port} is reserved: {allowed}", code="reserved_port")
     if port > MAX_PORT:
-        raise RuleViolation(
-            f"port {port} is invalid: sandboxes may expose {MIN_PORT}-{MAX_PORT}",
-            code="invalid_port",
-        )
+        raise RuleViolation(f"port {port} is invalid: {allowed}", code="invalid_port")
     return port
+
+
+def _is_negative_integer(text: str) -> bool:
+    return text.startswith("-") and text[1:].isascii() and text[1:].isdigit()
 
 
 def parse_port_list(value: object) -> frozenset[int]:

@@ -87,12 +87,21 @@ def decode_sandbox(raw: RawHash) -> Sandbox | None:
                 for name, value in fields.items()
                 if name.startswith(PORT_FIELD_PREFIX)
             },
-            limits=json.loads(fields["limits"]) if "limits" in fields else {},
+            limits=_decode_limits(fields["limits"]) if "limits" in fields else {},
             created_at=float(fields.get("created_at", "0")),
             updated_at=float(fields.get("updated_at", "0")),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"invalid sandbox record: {exc!r}") from None
+
+
+def _decode_limits(text: str) -> dict[str, int]:
+    limits = json.loads(text)
+    if not isinstance(limits, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in limits.values()
+    ):
+        raise ValueError("limits must be a JSON object of whole numbers")
+    return limits
 
 
 def encode_port_options(options: PortOptions) -> str:
@@ -151,6 +160,18 @@ def encode_settings(settings: TableSettings) -> dict[str, str]:
     }
 
 
+def schema_version_of(raw: RawHash) -> str | None:
+    """The ``schema_version`` field of a meta hash as written, or None when absent.
+
+    Writers check it before anything else in the hash: another version may have changed
+    every other field.
+    """
+    for key, value in raw.items():
+        if _text(key) == "schema_version":
+            return _text(value)
+    return None
+
+
 def decode_settings(raw: RawHash) -> TableSettings | None:
     """Settings from the meta hash; None when it is missing.
 
@@ -165,13 +186,22 @@ def decode_settings(raw: RawHash) -> TableSettings | None:
             schema_version=int(fields["schema_version"]),
             label_length=int(fields["label_length"]),
             url_template=fields["url_template"],
-            sandbox_networks=tuple(json.loads(fields["sandbox_networks"])),
+            sandbox_networks=_string_list(fields["sandbox_networks"], "sandbox_networks"),
             quarantine_seconds=int(fields["quarantine_seconds"]),
             events_max_length=int(fields["events_max_length"]),
-            gateway_listeners=tuple(json.loads(fields.get("gateway_listeners", "[]"))),
+            gateway_listeners=_string_list(
+                fields.get("gateway_listeners", "[]"), "gateway_listeners"
+            ),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise ValueError(f"invalid table settings in {META_KEY}: {exc!r}") from None
+
+
+def _string_list(text: str, name: str) -> tuple[str, ...]:
+    items = json.loads(text)
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        raise ValueError(f"{name} must be a JSON list of strings")
+    return tuple(items)
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,9 +215,14 @@ def invalidation_message(label: str, gen: int) -> str:
 
 def parse_invalidation(data: bytes | str) -> tuple[str, int] | None:
     """``(label, gen)`` of an invalidation; None for anything else (e.g. a heartbeat)."""
-    text = _text(data)
+    try:
+        text = _text(data)
+    except UnicodeDecodeError:
+        return None  # not ours: the channel is open to anyone who can PUBLISH
+    if text.startswith(HEARTBEAT_PREFIX):
+        return None
     label, sep, gen = text.partition(" ")
-    if not sep or not gen.isdigit():
+    if not label or not sep or not gen.isascii() or not gen.isdigit():
         return None
     return label, int(gen)
 

@@ -20,7 +20,7 @@ import dataclasses
 import ipaddress
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -118,20 +118,23 @@ async def read_settings(client: Client, *, timeout_seconds: float = 2.0) -> sche
     raw = await _bounded("reading table settings", timeout_seconds, client.hgetall(
         schema.META_KEY
     ))  # fmt: skip
-    try:
-        settings = schema.decode_settings(raw)
-    except ValueError as exc:
-        raise errors.SchemaMismatch(str(exc)) from None
-    if settings is None:
+    if not raw:
         raise errors.TableNotInitialised(
             f"the route table has no settings ({schema.META_KEY} is missing): "
             "start `gateway serve` on this Redis first"
         )
-    if settings.schema_version != schema.SCHEMA_VERSION:
+    # The version first: another version's meta may lack or rename the other fields.
+    version = schema.schema_version_of(raw)
+    if version != str(schema.SCHEMA_VERSION):
         raise errors.SchemaMismatch(
-            f"the route table has schema version {settings.schema_version}; this gateway "
+            f"the route table has schema version {version or 'none'}; this gateway "
             f"speaks version {schema.SCHEMA_VERSION}"
         )
+    try:
+        settings = schema.decode_settings(raw)
+    except ValueError as exc:
+        raise errors.SchemaMismatch(str(exc)) from None
+    assert settings is not None  # raw is not empty
     return settings
 
 
@@ -428,7 +431,7 @@ def exposures(record: Sandbox, settings: schema.TableSettings) -> list[Exposure]
 
 async def read_events(
     client: Client, *, follow: bool, block_seconds: float = 5.0, after: str = "0-0"
-) -> AsyncIterator[dict[str, object]]:
+) -> AsyncGenerator[dict[str, object], None]:
     """Events from the stream, oldest first; with ``follow``, then new ones as they come.
 
     Each blocking read is bounded and simply repeated, so a dead Redis is noticed instead
@@ -460,4 +463,3 @@ def _block_within_socket_timeout(client: Client, block_seconds: float) -> float:
     if isinstance(socket_timeout, int | float) and socket_timeout > 0:
         return max(0.05, min(block_seconds, socket_timeout - _BLOCK_MARGIN_SECONDS))
     return block_seconds
-
