@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -138,8 +138,6 @@ class Gateway:
     redis_url: str
     port: int
     admin_url: str
-    log: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=500))
-    _drain: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, redis_url: str) -> Gateway:
@@ -156,22 +154,14 @@ class Gateway:
             port=int(listen.rpartition(":")[2]),
             admin_url=f"http://{admin}",
         )
-        # Its log goes to stderr: read it all the time, or a full pipe would stall it.
-        gateway._drain = asyncio.get_running_loop().create_task(gateway._read_log())
         return gateway
 
-    async def _read_log(self) -> None:
-        stream = self.serve.process.stderr
-        assert stream is not None
-        while line := await stream.readline():
-            self.log.append(line.decode(errors="replace").rstrip())
+    @property
+    def log(self) -> collections.deque[str]:
+        return self.serve.log
 
     async def stop(self) -> int:
-        code = await self.serve.stop()
-        if self._drain is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._drain, STOP_TIMEOUT_SECONDS)
-        return code
+        return await self.serve.stop()
 
     def host(self, port: int, label: str, domain: str = LOCAL_DOMAIN) -> str:
         """The public Host of ``{port}-{label}.{domain}`` on the gateway's port."""

@@ -9,6 +9,7 @@ its ready line, for tests of the command itself; it is stopped by pid.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -96,6 +97,15 @@ class ServeProcess:
     def __init__(self, process: asyncio.subprocess.Process, ready: dict[str, str]) -> None:
         self.process = process
         self.ready = ready
+        # Its log goes to stderr: read it all the time, or a full pipe would stall it.
+        self.log: collections.deque[str] = collections.deque(maxlen=500)
+        self._drain = asyncio.get_running_loop().create_task(self._read_log())
+
+    async def _read_log(self) -> None:
+        stream = self.process.stderr
+        assert stream is not None
+        while line := await stream.readline():
+            self.log.append(line.decode(errors="replace").rstrip())
 
     @classmethod
     async def start(
@@ -103,7 +113,7 @@ class ServeProcess:
         args: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
-        timeout: float = 20.0,
+        ready_seconds: float = 20.0,
     ) -> ServeProcess:
         environ = {**os.environ, **(env or {})}
         process = await asyncio.create_subprocess_exec(
@@ -112,7 +122,7 @@ class ServeProcess:
         )  # fmt: skip
         assert process.stdout is not None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(ready_seconds):
                 line = await process.stdout.readline()
         except TimeoutError:
             process.kill()
@@ -128,16 +138,18 @@ class ServeProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    async def stop(self, timeout: float = 10.0) -> int:
+    async def stop(self, wait_seconds: float = 10.0) -> int:
         """SIGTERM, wait, then SIGKILL; returns the exit code."""
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.send_signal(signal.SIGTERM)
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(wait_seconds):
                     await self.process.wait()
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self._drain, wait_seconds)
         assert self.process.returncode is not None
         return self.process.returncode
