@@ -61,11 +61,11 @@ class EdgeHandler:
         self.sinks = list(sinks)
         # Gateway listeners, filled in once they are bound (port 0 resolves late).
         self.listeners: list[rules.Endpoint] = []
-        self._allowed_incarnations: dict[str, bool] = {}
+        self._allowed_addresses: dict[str, bool] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         record = RequestRecord(
-            request_id=headers.new_request_id(), method=request.method, path=request.raw_path
+            request_id=self._request_id(request), method=request.method, path=request.raw_path
         )
         try:
             return await self._route(request, record)
@@ -80,6 +80,23 @@ class EdgeHandler:
                 sink(record)
 
     # Private methods ------------------------------------------------------------------
+
+    def _request_id(self, request: web.BaseRequest) -> str:
+        """A trusted proxy's well-formed X-Request-Id is kept (one id end to end); any
+        other client's is ignored, and a fresh one minted."""
+        trusted = self._settings.trusted_networks
+        if trusted:
+            incoming = request.headers.get(headers.REQUEST_ID)
+            if incoming is not None and headers.is_valid_request_id(incoming):
+                try:
+                    peer = ipaddress.ip_address(_peer_ip(request))
+                except ValueError:
+                    return headers.new_request_id()
+                if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+                    peer = peer.ipv4_mapped
+                if any(peer in network for network in trusted):
+                    return incoming
+        return headers.new_request_id()
 
     async def _route(self, request: web.BaseRequest, record: RequestRecord) -> web.StreamResponse:
         host = request.headers.get("Host")
@@ -140,14 +157,18 @@ class EdgeHandler:
             self._ws_client, plan.target, plan.path, plan.upstream_headers,
             protocols=protocols, max_message_bytes=self._settings.websocket_max_message_bytes,
             connect_seconds=self._settings.connect_seconds,
+            response_seconds=self._pool.timeouts.response_seconds,
         )  # fmt: skip
         if isinstance(sandbox_side, web.Response):
             record.status = sandbox_side.status
+            sandbox_side.headers[headers.REQUEST_ID] = record.request_id
             return sandbox_side
         client_side = web.WebSocketResponse(
             protocols=(sandbox_side.protocol,) if sandbox_side.protocol else (),
             autoping=False, autoclose=False, compress=False, decode_text=False,
-            max_msg_size=self._settings.websocket_max_message_bytes,
+            max_msg_size=websocket.aiohttp_message_limit(
+                self._settings.websocket_max_message_bytes
+            ),
         )  # fmt: skip
         try:
             await client_side.prepare(request)
@@ -165,13 +186,15 @@ class EdgeHandler:
 
     def _check_dial(self, upstream: model.Upstream, label: str) -> None:
         """Defence in depth: the record may have been written by another control plane."""
-        allowed = self._allowed_incarnations.get(upstream.incarnation)
+        # Remembered per address, never per incarnation: a record rewritten with a new
+        # address but the old incarnation must be judged again.
+        allowed = self._allowed_addresses.get(upstream.address)
         if allowed is None:
             ip = ipaddress.ip_address(upstream.address)
             allowed = any(ip in net for net in self._settings.sandbox_networks)
-            if len(self._allowed_incarnations) > 100_000:
-                self._allowed_incarnations.clear()
-            self._allowed_incarnations[upstream.incarnation] = allowed
+            if len(self._allowed_addresses) > 100_000:
+                self._allowed_addresses.clear()
+            self._allowed_addresses[upstream.address] = allowed
         if not allowed or rules.is_gateway_listener(
             upstream.address, upstream.port, self.listeners
         ):
@@ -184,8 +207,12 @@ class EdgeHandler:
     def _answer_error(
         self, request: web.BaseRequest, error: errors.EdgeError, record: RequestRecord
     ) -> web.StreamResponse:
-        if error.label is None:  # raised below the handler, which knows the target
-            error.label, error.port = record.label, record.port
+        # Errors raised below the handler don't know the target; the handler does. Each
+        # part separately: a host error may know the port but not the (invalid) label.
+        if error.label is None:
+            error.label = record.label
+        if error.port is None:
+            error.port = record.port
         record.outcome = "gateway_error"
         record.code = error.code
         record.status = error.status

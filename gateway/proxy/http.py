@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
 from gateway import errors, headers
@@ -24,6 +24,25 @@ from gateway.proxy.upstream import UpstreamPool, UpstreamResponse
 from gateway.routing.model import Upstream
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class RelayedResponse(web.StreamResponse):
+    """A response head that says only what the sandbox said (plus Date, framing, the id).
+
+    aiohttp's ``StreamResponse`` fills in ``Content-Type: application/octet-stream`` and
+    ``Server`` when they are missing; for a proxy both are lies (a browser sniffs a body
+    without a type, but downloads an octet-stream), so they are taken out again when the
+    sandbox sent none. ``Date`` stays: RFC 9110 section 6.6.1 lets a recipient add it.
+    """
+
+    async def _prepare_headers(self) -> None:
+        had_type = hdrs.CONTENT_TYPE in self.headers
+        had_server = hdrs.SERVER in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            self.headers.popall(hdrs.SERVER, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,23 +95,26 @@ async def _relay_response(
     read_idle_seconds: float,
     record: RequestRecord,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(
+    response = RelayedResponse(
         status=upstream.status,
         reason=upstream.reason or None,
         headers=CIMultiDict(headers.downstream_response_headers(upstream.headers)),
     )
     response.headers[headers.REQUEST_ID] = record.request_id
-    await response.prepare(request)
     try:
+        await response.prepare(request)
         async for chunk in upstream.iter_body(idle_seconds=read_idle_seconds):
             record.bytes_out += len(chunk)
             await response.write(chunk)
+        await response.write_eof()
     except errors.EdgeError as exc:
         # The head is gone; the only honest signal left is a broken connection.
         record.aborted(exc.code)
         abort_downstream(request)
-        return response
-    await response.write_eof()
+    except ConnectionResetError:
+        # The client went away mid-answer (aiohttp's ClientConnectionResetError is one):
+        # nothing to tell anyone; the caller's release() drops the sandbox connection.
+        record.outcome = "client_gone"
     return response
 
 

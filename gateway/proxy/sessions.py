@@ -8,6 +8,7 @@ at the label's new record and stops every session the record no longer routes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
@@ -58,28 +59,37 @@ class ActiveSessions:
         return sum(len(s) for s in self._by_label.values())
 
     async def enforce(self, label: str, record: model.Sandbox | None) -> int:
-        """Stop the sessions of ``label`` that ``record`` no longer routes; return how many."""
-        stopped = 0
+        """Stop the sessions of ``label`` that ``record`` no longer routes; return how many.
+
+        The stops run concurrently: each may wait a moment for its sandbox's close answer,
+        and all of them must be torn down within the same 2 s.
+        """
+        stopping: list[tuple[Session, str]] = []
         for session in list(self._by_label.get(label, ())):
             reason = _reason_to_stop(session, record)
             if reason is None or session.stopping:
                 continue
             session.stopping = True
-            stopped += 1
-            try:
-                await session.stop(reason)
-            except Exception:  # one broken session must not shield the others
-                log.exception("stopping a session of %s failed", label)
-        return stopped
+            stopping.append((session, reason))
+        results = await asyncio.gather(
+            *(session.stop(reason) for session, reason in stopping), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):  # one broken session must not shield the others
+                log.error("stopping a session of %s failed", label, exc_info=result)
+        return len(stopping)
 
     async def stop_all(self, reason: str) -> None:
-        """End every session (shutdown)."""
-        for sessions in list(self._by_label.values()):
-            for session in list(sessions):
-                if not session.stopping:
-                    session.stopping = True
-                    with contextlib.suppress(Exception):
-                        await session.stop(reason)
+        """End every session (shutdown), all at once."""
+        stopping = [
+            session
+            for sessions in self._by_label.values()
+            for session in sessions
+            if not session.stopping
+        ]
+        for session in stopping:
+            session.stopping = True
+        await asyncio.gather(*(s.stop(reason) for s in stopping), return_exceptions=True)
 
 
 def _reason_to_stop(session: Session, record: model.Sandbox | None) -> str | None:

@@ -33,6 +33,9 @@ from gateway.routing.model import Upstream
 
 # Response bytes buffered per connection before the sandbox socket is paused.
 HIGH_WATER_BYTES = 256 * 1024
+# A response head (status line and headers) larger than this is a broken sandbox, not a
+# reason to buffer without end (the listener allows 16 KiB per request field).
+MAX_RESPONSE_HEAD_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
 _CONNECT_RETRY_STEP_SECONDS = 0.05
 EXPECT_CONTINUE_WAIT_SECONDS = 1.0
@@ -45,6 +48,10 @@ class UpstreamTimeouts:
     response_seconds: float
     read_idle_seconds: float
     pool_idle_seconds: float
+
+
+class _HeadTooLarge(Exception):
+    """Raised inside a parser callback: the response head passed MAX_RESPONSE_HEAD_BYTES."""
 
 
 class _Connection(asyncio.Protocol):
@@ -79,7 +86,12 @@ class _Connection(asyncio.Protocol):
             response._fail(errors.UpstreamProtocolError("the sandbox switched protocols"))
             self._abort()
         except httptools.HttpParserError as exc:
-            response._fail(errors.UpstreamProtocolError(f"the sandbox broke HTTP: {exc}"))
+            # (A callback's exception arrives wrapped, as the error's __context__.)
+            if isinstance(exc.__context__, _HeadTooLarge):
+                message = "the sandbox sent a response head without end"
+            else:
+                message = f"the sandbox broke HTTP: {exc}"
+            response._fail(errors.UpstreamProtocolError(message))
             self._abort()
 
     def eof_received(self) -> bool | None:
@@ -101,12 +113,16 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks --------------------------------------------------------------
 
     def on_status(self, status: bytes) -> None:
-        assert self._response is not None
-        self._response._reason += status
+        response = self._response
+        assert response is not None
+        response._reason += status
+        response._count_head(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self._response is not None
-        self._response._raw_headers.append((name, value))
+        response = self._response
+        assert response is not None
+        response._raw_headers.append((name, value))
+        response._count_head(len(name) + len(value) + 4)
 
     def on_headers_complete(self) -> None:
         response, parser = self._response, self._parser
@@ -191,6 +207,7 @@ class UpstreamResponse:
         self._connection: _Connection | None = None
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -251,9 +268,15 @@ class UpstreamResponse:
 
     # Called by the connection ---------------------------------------------------------
 
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+            raise _HeadTooLarge
+
     def _interim(self, status: int) -> None:
         self._reason = b""
         self._raw_headers.clear()
+        self._head_bytes = 0
         if status == 100:
             self._continue.set()
 
@@ -351,7 +374,9 @@ class UpstreamPool:
         try:
             await connection.write(head, idle_seconds=self._timeouts.read_idle_seconds)
             if body is not None:
-                await self._send_body(connection, response, body, chunked, expect_continue)
+                await self._send_body_until_answer(
+                    connection, response, body, chunked, expect_continue
+                )
             else:
                 response.request_sent = True
             await response._wait_head(self._timeouts.response_seconds)
@@ -367,6 +392,10 @@ class UpstreamPool:
             raise
         return response
 
+    @property
+    def timeouts(self) -> UpstreamTimeouts:
+        return self._timeouts
+
     async def close(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -379,6 +408,39 @@ class UpstreamPool:
         return sum(len(c) for c in self._idle.values())
 
     # Private methods ------------------------------------------------------------------
+
+    async def _send_body_until_answer(
+        self,
+        connection: _Connection,
+        response: UpstreamResponse,
+        body: AsyncIterator[bytes],
+        chunked: bool,
+        expect_continue: bool,
+    ) -> None:
+        """Send ``body``, unless the sandbox answers first.
+
+        A sandbox may answer before it has read the whole body (413, 401, a redirect) and
+        then stop reading or close: that answer is what the client must get, not a 502
+        for the failed rest of the upload, and not a wait for the idle timeout.
+        """
+        sender = asyncio.get_running_loop().create_task(
+            self._send_body(connection, response, body, chunked, expect_continue)
+        )
+        try:
+            await asyncio.wait((sender, response._head_ready), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not sender.done():
+                # The sandbox answered (or broke the protocol) mid-body, or the client
+                # went away: stop sending; the connection won't be reused.
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sender
+        if sender.cancelled():
+            return
+        failure = sender.exception()
+        if failure is not None and not response.status:
+            raise failure
+        # else: sent, or failed after a final answer arrived (relay that answer).
 
     async def _send_body(
         self,

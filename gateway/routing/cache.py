@@ -7,8 +7,11 @@ Contract:
 - Misses and stale entries are refilled with one Redis read per label at a time
   (single-flight): a thousand requests for a cold label make one read.
 - A fill that raced an invalidation (read the old record, then the invalidation came,
-  then the old record would be stored) is not stored: the fill takes the flush epoch
-  before it reads, and a label invalidated while its fill is in flight is marked dirty.
+  then the old record would be stored) is not stored: an invalidation of a label whose
+  fill is in flight detaches that fill (and a flush detaches every fill). A detached fill
+  still answers the callers that were waiting for it (they asked before the change) but
+  stores nothing, unless what it read is at least the invalidated generation; callers
+  arriving after the invalidation start a fresh read instead of joining the old one.
 - Positive entries live ``positive_ttl_seconds`` (a backstop; invalidations normally
   evict within milliseconds), negative ones ``negative_ttl_seconds``. While the
   invalidation subscription is down, every fill gets the shorter of the two.
@@ -18,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ class Miss:
 
 
 MISS = Miss()
+_NEVER = 2**63  # a generation no record reaches: the fill is never stored
 
 
 @dataclass(slots=True)
@@ -73,7 +78,9 @@ class RouteCache:
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Future[Sandbox | None]] = {}
-        self._dirty: set[str] = set()
+        # Detached fills -> the generation their record must reach to be stored anyway.
+        self._detached: dict[asyncio.Future[Sandbox | None], int] = {}
+        self._fills: set[asyncio.Task[None]] = set()
         self._epoch = 0
         self._subscribed = False
         self._store_down_since: float | None = None
@@ -105,11 +112,17 @@ class RouteCache:
         self.stats.misses += 1
         future = self._inflight.get(label)
         if future is None:
-            future = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
             self._inflight[label] = future
-            await self._fill(label, future)
+            # The fill runs in a task of its own, not in this caller's: a caller whose
+            # client goes away (its task cancelled) must not cancel the read that the
+            # other callers for the label are waiting on.
+            fill = loop.create_task(self._fill(label, future, self._epoch))
+            self._fills.add(fill)
+            fill.add_done_callback(self._fills.discard)
         try:
-            # shield: one waiter leaving must not cancel the fill the others wait for.
+            # shield: one waiter leaving must not cancel the shared future.
             return await asyncio.shield(future)
         except errors.StoreUnavailable:
             return self._stale_or_raise(label)
@@ -120,8 +133,9 @@ class RouteCache:
         entry = self._entries.get(label)
         if entry is not None and (entry.record is None or entry.record.gen < gen):
             entry.fresh_until = 0.0
-        if label in self._inflight:
-            self._dirty.add(label)
+        future = self._inflight.pop(label, None)
+        if future is not None:
+            self._detached[future] = max(gen, self._detached.get(future, 0))
         for listener in self.listeners:
             listener(label)
 
@@ -129,6 +143,9 @@ class RouteCache:
         """Make every entry stale (after a lost or re-made subscription)."""
         self.stats.flushes += 1
         self._epoch += 1  # fills in flight see the epoch move and don't store
+        for future in self._inflight.values():
+            self._detached[future] = _NEVER
+        self._inflight.clear()
         for listener in self.listeners:
             listener(None)
 
@@ -136,6 +153,15 @@ class RouteCache:
         """Tell the cache whether invalidations are being received; both changes flush."""
         self._subscribed = subscribed
         self.flush()
+
+    async def close(self) -> None:
+        """Cancel the fills in flight (at shutdown, so no task outlives the loop)."""
+        fills = list(self._fills)
+        for fill in fills:
+            fill.cancel()
+        for fill in fills:
+            with contextlib.suppress(asyncio.CancelledError):
+                await fill
 
     @property
     def subscribed(self) -> bool:
@@ -146,26 +172,38 @@ class RouteCache:
 
     # Private methods ------------------------------------------------------------------
 
-    async def _fill(self, label: str, future: asyncio.Future[Sandbox | None]) -> None:
-        epoch = self._epoch
+    async def _fill(self, label: str, future: asyncio.Future[Sandbox | None], epoch: int) -> None:
+        """Read ``label`` once and settle ``future``; store the record unless ``epoch``
+        moved (a flush) or the fill was detached by an invalidation. Never raises."""
         try:
             record = await self._reader(label)
         except errors.StoreUnavailable as exc:
             self.stats.store_errors += 1
             if self._store_down_since is None:
                 self._store_down_since = self._clock()
-            future.set_exception(exc)
+            self._settle(future, exc)
             return
-        except BaseException as exc:  # cancellation included: the waiters must wake
-            future.set_exception(exc)
+        except asyncio.CancelledError:
+            future.cancel()  # the loop is shutting down; waiters see a cancellation
             raise
+        except Exception as exc:  # a bug in the reader: every waiter hears about it
+            self._settle(future, exc)
+            return
         finally:
-            del self._inflight[label]
+            if self._inflight.get(label) is future:
+                del self._inflight[label]
+            needed = self._detached.pop(future, None)
         self._store_down_since = None
-        if epoch == self._epoch and label not in self._dirty:
+        if epoch == self._epoch and (
+            needed is None or (record is not None and record.gen >= needed)
+        ):
             self._store(label, record)
-        self._dirty.discard(label)
         future.set_result(record)
+
+    @staticmethod
+    def _settle(future: asyncio.Future[Sandbox | None], exc: BaseException) -> None:
+        future.set_exception(exc)
+        future.exception()  # retrieved: nobody may be left waiting (all clients gone)
 
     def _store(self, label: str, record: Sandbox | None) -> None:
         ttl = self._positive_ttl if record is not None else self._negative_ttl

@@ -64,6 +64,7 @@ class InvalidationWatcher:
                 try:
                     await self._watch_once()
                 except (SubscriptionLost, redis.exceptions.RedisError, OSError) as exc:
+                    _reraise_swallowed_cancel()
                     self._cache.set_subscribed(False)
                     log.warning("invalidation subscription lost: %s", exc)
                 delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
@@ -84,6 +85,7 @@ class InvalidationWatcher:
                 message = await asyncio.wait_for(
                     pubsub.get_message(timeout=self._interval), self._interval + 5.0
                 )
+                _reraise_swallowed_cancel()
                 if message is not None:
                     confirmed = self._handle(message, confirmed)
                 if self._clock() - self._last_beat > self._interval * HEARTBEAT_MISSES:
@@ -95,6 +97,7 @@ class InvalidationWatcher:
         try:
             async with asyncio.timeout(5.0):
                 await pubsub.subscribe(schema.INVALIDATION_CHANNEL)
+            _reraise_swallowed_cancel()
             yield pubsub
         finally:
             with contextlib.suppress(Exception):
@@ -131,4 +134,19 @@ class InvalidationWatcher:
             with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self._interval * 2):
                     await self._client.publish(schema.INVALIDATION_CHANNEL, beat)
+            _reraise_swallowed_cancel()
             await asyncio.sleep(self._interval)
+
+
+def _reraise_swallowed_cancel() -> None:
+    """Raise the cancellation of this task if a Redis call swallowed it.
+
+    redis-py's asyncio client awaits ``asyncio.wait_for`` (e.g. around socket drains),
+    and on Python 3.11 ``wait_for`` loses a cancellation that arrives as the awaited
+    operation completes (CPython gh-86296, fixed in 3.12): the command returns normally
+    and the task goes on as if never cancelled. The watcher's loops run for ever, so a
+    lost cancellation would hang the gateway's shutdown; they check after every call.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

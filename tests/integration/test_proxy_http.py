@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import hashlib
 import json
 import socket
 from collections.abc import AsyncIterator
@@ -140,9 +141,7 @@ async def test_method_is_forwarded(gateway: GatewayHandle, host: str, method: st
     """The client's method reaches the sandbox unchanged."""
     body = b"payload" if method in ("POST", "PUT", "PATCH") else b""
     headers = [("Host", host), ("Content-Length", str(len(body)))]
-    response = await exchange(
-        "127.0.0.1", gateway.port, request_bytes(method, "/m", headers, body)
-    )
+    response = await exchange("127.0.0.1", gateway.port, request_bytes(method, "/m", headers, body))
     assert response.status == 200
     info = _raw_echo(response.body)
     assert info["method"] == method
@@ -166,14 +165,14 @@ async def test_hop_by_hop_and_connection_listed_headers_are_dropped(
         ("X-Dup", "one"),
         ("X-Dup", "two"),
     ]
-    response = await exchange(
-        "127.0.0.1", gateway.port, request_bytes("GET", "/", headers)
-    )
+    response = await exchange("127.0.0.1", gateway.port, request_bytes("GET", "/", headers))
     info = _raw_echo(response.body)
     names = [k.lower() for k, _ in info["headers"]]
     for gone in ("x-custom", "keep-alive", "te", "proxy-connection"):
         assert gone not in names
-    passed = [(k, v) for k, v in info["headers"] if k.lower().startswith(("x-first", "x-mixed", "x-dup"))]
+    passed = [
+        (k, v) for k, v in info["headers"] if k.lower().startswith(("x-first", "x-mixed", "x-dup"))
+    ]
     assert passed == [
         ("X-First", "1"),
         ("x-MiXeD-case", "Value  with  spaces"),
@@ -245,7 +244,37 @@ async def test_forwarding_headers_are_honoured_from_a_trusted_proxy(
         )  # fmt: skip
     assert _upstream_headers(info, "X-Forwarded-For") == ["203.0.113.7, 127.0.0.1"]
     assert _upstream_headers(info, "X-Forwarded-Proto") == ["https"]
+    assert _upstream_headers(info, "X-Forwarded-Port") == ["443"]
     assert _upstream_headers(info, "Forwarded") == [f"for=203.0.113.7;host={host};proto=https"]
+
+
+async def test_a_trusted_proxys_request_id_is_kept(
+    redis: aioredis.Redis, redis_url: str, upstream: Upstream, client: aiohttp.ClientSession
+) -> None:
+    """From a trusted proxy a well-formed X-Request-Id is used end to end; a malformed
+    one is replaced."""
+    async with (
+        running_gateway(redis_url, {"trusted_proxies": ["127.0.0.1/32"]}) as gateway,
+        route_writer(redis_url) as writer,
+    ):
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, upstream.port)
+        host = gateway.host(upstream.port, LABEL)
+        async with client.get(
+            gateway.url + "/", headers={"Host": host, "X-Request-Id": "lb-abc.123"}
+        ) as response:
+            assert response.headers["X-Request-Id"] == "lb-abc.123"
+            info = await response.json()
+        assert _upstream_headers(info, "X-Request-Id") == ["lb-abc.123"]
+        async with client.get(
+            gateway.url + "/", headers={"Host": "nope.example", "X-Request-Id": "lb-err"}
+        ) as response:
+            assert response.headers["X-Request-Id"] == "lb-err"
+            assert (await response.json())["error"]["requestId"] == "lb-err"
+        async with client.get(
+            gateway.url + "/", headers={"Host": host, "X-Request-Id": "bad id!"}
+        ) as response:
+            assert response.headers["X-Request-Id"] != "bad id!"
 
 
 async def test_request_id_on_every_response_and_sent_upstream(
@@ -285,9 +314,7 @@ async def test_status_and_reason_are_relayed(gateway: GatewayHandle, host: str) 
     assert response.body == b"status 418\n"
 
 
-async def test_duplicate_set_cookie_headers_are_kept(
-    gateway: GatewayHandle, host: str
-) -> None:
+async def test_duplicate_set_cookie_headers_are_kept(gateway: GatewayHandle, host: str) -> None:
     """Both Set-Cookie headers of the sandbox reach the client, in order."""
     response = await exchange(
         "127.0.0.1", gateway.port, request_bytes("GET", "/set-cookie", [("Host", host)])
@@ -301,9 +328,7 @@ async def test_duplicate_set_cookie_headers_are_kept(
 async def test_gzip_body_passes_untouched(gateway: GatewayHandle, host: str) -> None:
     """Content-Encoding: gzip bodies are relayed as the compressed bytes, length intact."""
     headers = [("Host", host), ("Accept-Encoding", "gzip")]
-    response = await exchange(
-        "127.0.0.1", gateway.port, request_bytes("GET", "/gzip", headers)
-    )
+    response = await exchange("127.0.0.1", gateway.port, request_bytes("GET", "/gzip", headers))
     compressed = gzip.compress(GZIP_PAYLOAD, mtime=0)
     assert response.header("Content-Encoding") == "gzip"
     assert response.header("Content-Length") == str(len(compressed))
@@ -311,18 +336,28 @@ async def test_gzip_body_passes_untouched(gateway: GatewayHandle, host: str) -> 
 
 
 async def test_gzip_request_body_passes_untouched(
-    gateway: GatewayHandle, host: str, client: aiohttp.ClientSession
+    gateway: GatewayHandle, writer: RouteWriter, client: aiohttp.ClientSession
 ) -> None:
     """A gzip-encoded request body reaches the sandbox compressed (no server-side decoding)."""
-    import hashlib
-
+    server, port, received = await _raw_upstream(
+        "127.0.0.2", b"HTTP/1.1 204 No Content\r\n\r\n", read_body=True
+    )
     compressed = gzip.compress(b"x" * 100_000, mtime=0)
-    async with client.post(
-        gateway.url + "/upload", data=compressed,
-        headers={"Host": host, "Content-Encoding": "gzip"},
-    ) as response:  # fmt: skip
-        info = await response.json()
-    assert info == {"sha256": hashlib.sha256(compressed).hexdigest(), "length": len(compressed)}
+    try:
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, port)
+        async with client.post(
+            gateway.url + "/upload", data=compressed,
+            headers={"Host": gateway.host(port, LABEL), "Content-Encoding": "gzip"},
+        ) as response:  # fmt: skip
+            assert response.status == 204
+    finally:
+        server.close()
+        await server.wait_closed()
+    head, _, body = received[0].partition(b"\r\n\r\n")
+    assert body == compressed
+    assert b"\r\nContent-Encoding: gzip\r\n" in head
+    assert f"\r\nContent-Length: {len(compressed)}\r\n".encode() in head
 
 
 async def test_redirects_are_relayed_not_followed(
@@ -355,14 +390,21 @@ async def test_client_cookies_reach_the_sandbox(
 
 
 async def _raw_upstream(
-    address: str, answer: bytes
+    address: str, answer: bytes, *, read_body: bool = False
 ) -> tuple[asyncio.Server, int, list[bytes]]:
-    """A server that reads one request head and answers ``answer`` verbatim."""
+    """A server that reads one request (head, and a Content-Length body if ``read_body``)
+    and answers ``answer`` verbatim; ``received`` collects the request bytes."""
     received: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            received.append(await reader.readuntil(b"\r\n\r\n"))
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = b""
+            if read_body:
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        body = await reader.readexactly(int(line.split(b":")[1]))
+            received.append(head + body)
             writer.write(answer)
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -436,8 +478,6 @@ async def test_204_304_and_head_framing(gateway: GatewayHandle, host: str) -> No
 
 async def test_expect_100_continue(gateway: GatewayHandle, host: str) -> None:
     """Headers with Expect get 100 Continue; then the body goes up and the answer comes back."""
-    import hashlib
-
     body = b"z" * 5000
     headers = [
         ("Host", host), ("Content-Length", str(len(body))), ("Expect", "100-continue"),
@@ -456,8 +496,6 @@ async def test_expect_100_continue(gateway: GatewayHandle, host: str) -> None:
 
 async def test_chunked_upload(gateway: GatewayHandle, host: str) -> None:
     """A chunked request body (raw chunks) arrives whole at the sandbox."""
-    import hashlib
-
     parts = [b"a" * 10, b"b" * 70000, b"c"]
     wire = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
     headers = [("Host", host), ("Transfer-Encoding", "chunked")]
@@ -475,7 +513,7 @@ async def test_chunked_upload(gateway: GatewayHandle, host: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-PEER = web.AppKey("peers", list)
+PEER = web.AppKey("peers", list[int])
 
 
 def _peer_app(name: str) -> web.Application:
@@ -484,7 +522,8 @@ def _peer_app(name: str) -> web.Application:
     app[PEER] = []
 
     async def peer(request: web.Request) -> web.Response:
-        peername = request.transport.get_extra_info("peername") if request.transport else None
+        assert request.transport is not None
+        peername = request.transport.get_extra_info("peername")
         request.app[PEER].append(peername[1])
         return web.json_response({"upstream": name, "peer_port": peername[1]})
 
@@ -492,7 +531,9 @@ def _peer_app(name: str) -> web.Application:
     return app
 
 
-async def _peer_port(client: aiohttp.ClientSession, gateway: GatewayHandle, host: str) -> tuple[str, int]:
+async def _peer_port(
+    client: aiohttp.ClientSession, gateway: GatewayHandle, host: str
+) -> tuple[str, int]:
     async with client.get(gateway.url + "/", headers={"Host": host}) as response:
         assert response.status == 200, await response.text()
         data = await response.json()
@@ -559,3 +600,120 @@ async def test_connect_retry_window_covers_a_late_server(
             for server in late:
                 await server.stop()
     assert info["upstream"] == "late"
+
+
+async def test_http10_client_gets_a_close_delimited_body(gateway: GatewayHandle, host: str) -> None:
+    """A chunked sandbox answer reaches an HTTP/1.0 client unchunked, ended by the close."""
+    data = request_bytes("GET", "/stream?n=3&interval_ms=1", [("Host", host)], version="HTTP/1.0")
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(data)
+        response = await conn.read_response()
+    assert response.header("Transfer-Encoding") is None
+    assert response.body == b"line 0\nline 1\nline 2\n"
+
+
+async def test_pipelined_requests_are_answered_in_order(gateway: GatewayHandle, host: str) -> None:
+    both = request_bytes("GET", "/one", [("Host", host)]) + request_bytes(
+        "GET", "/two", [("Host", host)]
+    )
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(both)
+        first = await conn.read_response()
+        second = await conn.read_response()
+    assert _raw_echo(first.body)["path_qs"] == "/one"
+    assert _raw_echo(second.body)["path_qs"] == "/two"
+
+
+async def test_an_early_answer_to_an_upload_is_relayed(
+    gateway: GatewayHandle, writer: RouteWriter
+) -> None:
+    """A sandbox that answers 413 after the head, without reading the body (then closes
+    its side and discards what still comes): the client gets the 413, not a 502, and
+    without waiting for the upload to end."""
+
+    async def handle(reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            stream.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+            stream.write_eof()
+            while await reader.read(65536):  # a lingering close, as servers do
+                pass
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            stream.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, port)
+        size = 64 * 1024 * 1024
+        headers = [("Host", gateway.host(port, LABEL)), ("Content-Length", str(size))]
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(request_bytes("POST", "/upload", headers))
+            await conn.send(b"u" * 100_000)  # the rest of the 64 MiB never comes
+            response = await conn.read_response(wait=10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (response.status, response.body) == (413, b"big!")
+
+
+async def test_a_pooled_connection_the_sandbox_closed_is_retried_for_a_get(
+    gateway: GatewayHandle, writer: RouteWriter, client: aiohttp.ClientSession
+) -> None:
+    """The sandbox drops a kept-alive connection just as the next request arrives (its
+    idle timeout racing the pool): a bodiless request goes again on a fresh connection."""
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, stream: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        mine = connections
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            body = f"connection {mine}".encode()
+            stream.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await stream.drain()
+            await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            stream.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.2", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, port)
+        host = gateway.host(port, LABEL)
+        for expected in ("connection 1", "connection 2"):
+            async with client.get(gateway.url + "/", headers={"Host": host}) as response:
+                assert response.status == 200
+                assert await response.text() == expected
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_close_delimited_answer_is_relayed_whole(
+    gateway: GatewayHandle, writer: RouteWriter
+) -> None:
+    """An HTTP/1.0-style sandbox (no length, no chunking, the end is its close): the
+    client gets the whole body, properly framed, and the connection is not reused."""
+    body = b"".join(b"line %d\n" % i for i in range(2000))
+    server, port, received = await _raw_upstream("127.0.0.2", b"HTTP/1.0 200 OK\r\n\r\n" + body)
+    try:
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, port)
+        host = gateway.host(port, LABEL)
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            for _ in range(2):
+                await conn.send(request_bytes("GET", "/", [("Host", host)]))
+                response = await conn.read_response()
+                assert (response.status, response.body) == (200, body)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert len(received) == 2  # one connection per request
