@@ -125,6 +125,42 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """How the public listener treats connections (docs/operations.md)."""
+
+    # A request head must arrive within this after its first byte (aiohttp has no such
+    # timeout of its own: without it, slowloris holds connections for ever).
+    header_timeout_seconds: float = 10.0
+    # Idle keep-alive connections are closed after this. Set it ABOVE the load
+    # balancer's idle timeout (AWS ALB 60 s, GCP 600 s), so the balancer closes first.
+    keepalive_idle_seconds: float = 620.0
+    # Connections over this, per process, are closed at once.
+    max_connections: int = 20_000
+    # Require a PROXY protocol v1/v2 header on every connection (from trusted_proxies
+    # only). Turn on only behind a balancer that sends it.
+    proxy_protocol: bool = False
+    proxy_header_timeout_seconds: float = 5.0
+    # On SIGTERM: /readyz fails at once, then the gateway keeps serving this long (with
+    # Connection: close) so the balancer deregisters it; match the deregistration delay.
+    drain_delay_seconds: float = 5.0
+    # Then in-flight requests and streams get this long to finish; WebSockets are closed
+    # with 1012 (service restart). Keep drain_delay + drain_grace below the platform's
+    # termination grace period (Kubernetes terminationGracePeriodSeconds).
+    drain_grace_seconds: float = 20.0
+    # Answer GET/HEAD on this path on the public listener (for balancers that can only
+    # probe the serving port), for Hosts outside the sandbox domains only; None: off.
+    health_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    # One JSON line per request or WebSocket session on stdout.
+    enabled: bool = True
+    # Query strings often carry tokens (Jupyter's ?token=); off by default.
+    include_query: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: str = "0.0.0.0:8080"
     admin_listen: str = "127.0.0.1:8081"
@@ -139,6 +175,8 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     # Secret: from GATEWAY_ADMIN_TOKEN only, never from the file.
     admin_token: str | None = field(default=None, repr=False)
 
@@ -334,12 +372,16 @@ def _validate(config: Config) -> None:
 
 
 def _check_positive(config: Config) -> None:
-    for section in ("redis", "routing", "cache", "upstream"):
+    may_be_zero = {"url_id_length", "drain_delay_seconds"}
+    for section in ("redis", "routing", "cache", "upstream", "server"):
         for f in dataclasses.fields(getattr(config, section)):
             value = getattr(getattr(config, section), f.name)
             is_number = isinstance(value, int | float) and not isinstance(value, bool)
-            if is_number and f.name != "url_id_length" and value <= 0:
+            if is_number and not (value > 0 or (value == 0 and f.name in may_be_zero)):
                 raise ConfigError(f"{section}.{f.name}: must be greater than 0")
+    path = config.server.health_path
+    if path is not None and not path.startswith("/"):
+        raise ConfigError("server.health_path: must start with /")
 
 
 def _check_networks(key: str, networks: tuple[str, ...]) -> None:

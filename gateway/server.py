@@ -19,18 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from gateway import embedded, errors
+from gateway.accesslog import AccessLog
 from gateway.config import Config, ConfigError, Endpoint
 from gateway.control import api
+from gateway.listener import Listener, ListenerPolicy
+from gateway.metrics import Metrics
+from gateway.proxy import websocket
 from gateway.proxy.handler import EdgeHandler, EdgeSettings
 from gateway.proxy.sessions import ActiveSessions
 from gateway.proxy.upstream import UpstreamPool, UpstreamTimeouts
 from gateway.routing import schema, store
 from gateway.routing.cache import RouteCache
-from gateway.routing.watcher import InvalidationWatcher
+from gateway.routing.watcher import InvalidationWatcher, reraise_swallowed_cancel
 
 log = logging.getLogger("gateway.server")
 
@@ -39,18 +42,8 @@ log = logging.getLogger("gateway.server")
 SETTINGS_CHECK_SECONDS = 5.0
 # aiohttp's defaults (8190) refuse the large cookies some dev tools set.
 MAX_HEADER_FIELD_BYTES = 16 * 1024
-# Above any load balancer's idle timeout (AWS ALB 60 s, GCP 600 s), so the LB closes first.
-KEEPALIVE_IDLE_SECONDS = 620.0
-
-
-@dataclass(slots=True)
-class Running:
-    """The bound addresses of a started gateway."""
-
-    listen: Endpoint
-    admin: Endpoint
-    redis_url: str
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+# Pending connections the kernel queues per listener (aiohttp's 128 drops bursts).
+LISTEN_BACKLOG = 1024
 
 
 def check_admin_binding(config: Config) -> None:
@@ -82,12 +75,16 @@ async def redis_for(config: Config) -> AsyncIterator[str]:
 
 
 async def serve(config: Config, *, on_ready: Callable[[dict[str, str]], None]) -> None:
-    """Run the gateway until SIGTERM or SIGINT."""
+    """Run the gateway until SIGTERM or SIGINT, then drain (a second signal: stop now)."""
     check_admin_binding(config)
-    stop = asyncio.Event()
+    stop, hard_stop = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (hard_stop if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     async with redis_for(config) as url, run_gateway(config, url) as running:
         on_ready(
             {
@@ -98,6 +95,53 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, str]], None]) -
             }
         )
         await stop.wait()
+        await running.drain(hard_stop)
+
+
+@dataclass(slots=True)
+class Running:
+    """A started gateway: its bound addresses and what a drain needs to reach."""
+
+    listen: Endpoint
+    admin: Endpoint
+    redis_url: str
+    config: Config
+    health: api.Health
+    handler: EdgeHandler
+    public_server: asyncio.AbstractServer
+    public_runner: web.ServerRunner
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def drain(self, hard_stop: asyncio.Event) -> None:
+        """Leave the balancer's rotation without failing a request (docs/operations.md).
+
+        /readyz fails at once; traffic is still served for ``drain_delay_seconds`` with
+        ``Connection: close``; then no new connections are accepted, WebSockets are
+        closed with 1012 and in-flight requests get ``drain_grace_seconds`` to finish.
+        ``hard_stop`` (a second signal) cuts every wait short.
+        """
+        server_config = self.config.server
+        self.health.draining = True
+        self.handler.draining = True
+        log.info("draining: /readyz now fails; serving for %ss", server_config.drain_delay_seconds)
+        await _wait_or(hard_stop, server_config.drain_delay_seconds)
+        self.public_server.close()
+        await self.handler.sessions.restart_websockets("the gateway is restarting; reconnect")
+        if not hard_stop.is_set():
+            # aiohttp's shutdown waits for in-flight handlers up to its shutdown_timeout.
+            shutdown = asyncio.ensure_future(self.public_runner.shutdown())
+            await asyncio.wait(
+                [shutdown, asyncio.ensure_future(hard_stop.wait())],
+                timeout=server_config.drain_grace_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        log.info("drained")
+
+
+async def _wait_or(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
 
 
 @contextlib.asynccontextmanager
@@ -105,75 +149,64 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
     """The gateway on ``redis_url``, running for the duration of the ``async with``."""
     client = store.open_redis(redis_url, timeout_seconds=config.redis.write_timeout_seconds)
     await _refuse_other_schema(client)
-    cache = RouteCache(
-        store.RouteReader(client, timeout_seconds=config.redis.lookup_timeout_seconds).get,
-        max_entries=config.cache.max_entries,
-        positive_ttl_seconds=config.cache.positive_ttl_seconds,
-        negative_ttl_seconds=config.cache.negative_ttl_seconds,
-        stale_budget_seconds=config.redis.stale_budget_seconds,
-    )
-    up = config.upstream
-    pool = UpstreamPool(
-        UpstreamTimeouts(
-            connect_seconds=up.connect_timeout_seconds,
-            connect_retry_window_seconds=up.connect_retry_window_seconds,
-            response_seconds=up.response_timeout_seconds,
-            read_idle_seconds=up.read_idle_timeout_seconds,
-            pool_idle_seconds=up.pool_idle_seconds,
-        )
-    )
-    ws_client = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, force_close=True),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=up.connect_timeout_seconds),
+    cache = _route_cache(config, client)
+    pool = _upstream_pool(config)
+    ws_client = websocket.new_client_session(
+        connect_seconds=config.upstream.connect_timeout_seconds
     )
     sessions = ActiveSessions()
+    metrics = Metrics()
+    access_log = AccessLog(include_query=config.access_log.include_query)
+    sinks = [metrics.observe, access_log.sink] if config.access_log.enabled else [metrics.observe]
     handler = EdgeHandler(
-        EdgeSettings(
-            domains=config.domains,
-            sandbox_networks=config.sandbox_networks,
-            trusted_networks=config.trusted_networks,
-            read_idle_seconds=up.read_idle_timeout_seconds,
-            connect_seconds=up.connect_timeout_seconds,
-            websocket_max_message_bytes=up.websocket_max_message_bytes,
-        ),
-        cache=cache, pool=pool, websocket_client=ws_client, sessions=sessions,
+        _edge_settings(config), cache=cache, pool=pool, websocket_client=ws_client,
+        sessions=sessions, sinks=sinks,
     )  # fmt: skip
-    public_runner = web.ServerRunner(
-        web.Server(
-            handler,
-            handler_cancellation=True,
-            auto_decompress=False,
-            max_field_size=MAX_HEADER_FIELD_BYTES,
-            max_line_size=MAX_HEADER_FIELD_BYTES,
-            keepalive_timeout=KEEPALIVE_IDLE_SECONDS,
-            access_log=None,
-        ),
-        handle_signals=False,
-        shutdown_timeout=2.0,
+    edge = web.Server(
+        handler,
+        handler_cancellation=True,
+        auto_decompress=False,
+        max_field_size=MAX_HEADER_FIELD_BYTES,
+        max_line_size=MAX_HEADER_FIELD_BYTES,
+        keepalive_timeout=config.server.keepalive_idle_seconds,
+        access_log=None,
     )
+    listener = Listener(edge, _listener_policy(config))
+    handler.listener = listener
+    public_runner = web.ServerRunner(
+        edge, handle_signals=False, shutdown_timeout=config.server.drain_grace_seconds
+    )
+    health = api.Health()
     writer = store.RouteWriter(client, timeout_seconds=config.redis.write_timeout_seconds)
     admin_runner = web.AppRunner(
-        api.create_app(writer, token=config.admin_token, health=api.Health(), cache=cache),
+        api.create_app(writer, token=config.admin_token, health=health, metrics=metrics),
         handle_signals=False,
         access_log=None,
     )
+    _register_gauges(metrics, cache, sessions, listener, health)
+    public_server: asyncio.AbstractServer | None = None
     running: Running | None = None
     try:
-        listen = await _bind(public_runner, config.listen_endpoint)
+        await public_runner.setup()
+        public_server, listen = await _bind_public(listener, config.listen_endpoint)
         admin = await _bind(admin_runner, config.admin_endpoint)
         handler.listeners = [(listen.host, listen.port), (admin.host, admin.port)]
         settings = _table_settings(config, listen, admin)
         await store.write_settings(client, settings)
-        running = Running(listen, admin, redis_url)
+        running = Running(
+            listen, admin, redis_url, config, health, handler, public_server, public_runner
+        )
         _spawn(running, InvalidationWatcher(
             client, cache, heartbeat_interval_seconds=config.cache.heartbeat_interval_seconds
         ).run())  # fmt: skip
         _spawn(running, _keep_settings(client, settings))
+        if config.access_log.enabled:
+            _spawn(running, access_log.run())
         cache.listeners.append(_enforcer(running, cache, sessions))
         yield running
     finally:
+        if public_server is not None:
+            public_server.close()
         await sessions.stop_all("the gateway is shutting down")
         for task in running.tasks if running else ():
             task.cancel()
@@ -182,14 +215,105 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
                 await task
         await public_runner.cleanup()
         await admin_runner.cleanup()
+        await cache.close()
         await pool.close()
         await ws_client.close()
         await client.aclose()
 
 
+def _route_cache(config: Config, client: store.Redis) -> RouteCache:
+    return RouteCache(
+        store.RouteReader(client, timeout_seconds=config.redis.lookup_timeout_seconds).get,
+        max_entries=config.cache.max_entries,
+        positive_ttl_seconds=config.cache.positive_ttl_seconds,
+        negative_ttl_seconds=config.cache.negative_ttl_seconds,
+        stale_budget_seconds=config.redis.stale_budget_seconds,
+    )
+
+
+def _upstream_pool(config: Config) -> UpstreamPool:
+    up = config.upstream
+    return UpstreamPool(
+        UpstreamTimeouts(
+            connect_seconds=up.connect_timeout_seconds,
+            connect_retry_window_seconds=up.connect_retry_window_seconds,
+            response_seconds=up.response_timeout_seconds,
+            read_idle_seconds=up.read_idle_timeout_seconds,
+            pool_idle_seconds=up.pool_idle_seconds,
+        )
+    )
+
+
+def _edge_settings(config: Config) -> EdgeSettings:
+    up = config.upstream
+    return EdgeSettings(
+        domains=config.domains,
+        sandbox_networks=config.sandbox_networks,
+        trusted_networks=config.trusted_networks,
+        read_idle_seconds=up.read_idle_timeout_seconds,
+        connect_seconds=up.connect_timeout_seconds,
+        websocket_max_message_bytes=up.websocket_max_message_bytes,
+        health_path=config.server.health_path,
+    )
+
+
+def _listener_policy(config: Config) -> ListenerPolicy:
+    return ListenerPolicy(
+        header_timeout_seconds=config.server.header_timeout_seconds,
+        max_connections=config.server.max_connections,
+        proxy_protocol=config.server.proxy_protocol,
+        proxy_header_timeout_seconds=config.server.proxy_header_timeout_seconds,
+        trusted_networks=config.trusted_networks,
+    )
+
+
+def _register_gauges(
+    metrics: Metrics,
+    cache: RouteCache,
+    sessions: ActiveSessions,
+    listener: Listener,
+    health: api.Health,
+) -> None:
+    stats = cache.stats
+    for name, documentation, read in (
+        ("gateway_route_cache_hits", "Lookups answered from the cache", lambda: stats.hits),
+        ("gateway_route_cache_misses", "Lookups that read Redis", lambda: stats.misses),
+        ("gateway_route_cache_stale_serves", "Stale routes served while Redis was down",
+         lambda: stats.stale_serves),
+        ("gateway_route_store_errors", "Failed route reads", lambda: stats.store_errors),
+        ("gateway_route_cache_flushes", "Whole-cache flushes (resubscribes)",
+         lambda: stats.flushes),
+        ("gateway_route_invalidations", "Invalidations received", lambda: stats.invalidations),
+        ("gateway_connections_refused", "Connections over max_connections",
+         lambda: listener.refused),
+        ("gateway_header_timeouts", "Connections closed by the header timeout",
+         lambda: listener.header_timeouts),
+    ):  # fmt: skip
+        metrics.counter(name, documentation, read)
+    metrics.gauge("gateway_route_cache_entries", "Cached labels", lambda: len(cache))
+    metrics.gauge("gateway_connections", "Open client connections", lambda: listener.active)
+    metrics.gauge("gateway_sessions", "Open streams and WebSockets", sessions.count)
+    metrics.gauge(
+        "gateway_route_subscription_up", "1 while invalidations are received",
+        lambda: 1.0 if cache.subscribed else 0.0,
+    )  # fmt: skip
+    metrics.gauge("gateway_draining", "1 while draining", lambda: 1.0 if health.draining else 0.0)
+
+
+async def _bind_public(
+    listener: Listener, endpoint: Endpoint
+) -> tuple[asyncio.AbstractServer, Endpoint]:
+    # Our own create_server, not aiohttp's TCPSite: every connection goes through the
+    # Listener (header timeout, connection cap, PROXY protocol).
+    server = await asyncio.get_running_loop().create_server(
+        listener, endpoint.host, endpoint.port, backlog=LISTEN_BACKLOG
+    )
+    return server, Endpoint(endpoint.host, int(server.sockets[0].getsockname()[1]))
+
+
 async def _bind(runner: web.BaseRunner, endpoint: Endpoint) -> Endpoint:
     await runner.setup()
-    site = web.TCPSite(runner, endpoint.host, endpoint.port, backlog=1024)
+    site = web.TCPSite(runner, endpoint.host, endpoint.port, backlog=LISTEN_BACKLOG)
     await site.start()
     port = runner.addresses[0][1]  # the real port when 0 was asked for
     return Endpoint(endpoint.host, int(port))
@@ -224,9 +348,11 @@ async def _keep_settings(client: store.Redis, settings: schema.TableSettings) ->
             with store.redis_errors("checking table settings"):
                 async with asyncio.timeout(2.0):
                     present = await client.exists(schema.META_KEY)
+            reraise_swallowed_cancel()
             if not present:
                 log.warning("table settings missing from Redis; writing them again")
                 await store.write_settings(client, settings)
+        reraise_swallowed_cancel()
 
 
 def _enforcer(

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway import errors
-from gateway.routing.cache import RouteCache
+from gateway.metrics import Metrics
 from gateway.routing.model import Sandbox
 from gateway.routing.schema import TableSettings
 from gateway.routing.store import RouteWriter, exposures
@@ -40,18 +40,18 @@ class Health:
 
 WRITER = web.AppKey("writer", RouteWriter)
 HEALTH = web.AppKey("health", Health)
-CACHE = web.AppKey("cache", RouteCache)
+METRICS = web.AppKey("metrics", Metrics)
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def create_app(
-    writer: RouteWriter, *, token: str | None, health: Health, cache: RouteCache | None = None
+    writer: RouteWriter, *, token: str | None, health: Health, metrics: Metrics | None = None
 ) -> web.Application:
     app = web.Application(middlewares=[_errors_middleware, _auth_middleware(token)])
     app[WRITER] = writer
     app[HEALTH] = health
-    if cache is not None:
-        app[CACHE] = cache
+    if metrics is not None:
+        app[METRICS] = metrics
     app.router.add_post("/v1/sandboxes", create_sandbox)
     app.router.add_get("/v1/sandboxes/{id}", show_sandbox)
     app.router.add_delete("/v1/sandboxes/{id}", terminate_sandbox)
@@ -62,7 +62,7 @@ def create_app(
     app.router.add_post("/v1/sandboxes/{id}/resume", resume_sandbox)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", metrics_text)
     return app
 
 
@@ -185,25 +185,10 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": state}, status=200 if ready else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    lines = []
-    cache = request.app.get(CACHE)
-    if cache is not None:
-        stats = cache.stats
-        for name, value in (
-            ("gateway_route_cache_hits_total", stats.hits),
-            ("gateway_route_cache_misses_total", stats.misses),
-            ("gateway_route_cache_stale_serves_total", stats.stale_serves),
-            ("gateway_route_store_errors_total", stats.store_errors),
-            ("gateway_route_cache_flushes_total", stats.flushes),
-            ("gateway_route_invalidations_total", stats.invalidations),
-        ):
-            lines += [f"# TYPE {name} counter", f"{name} {value}"]
-        lines += [
-            "# TYPE gateway_route_cache_entries gauge",
-            f"gateway_route_cache_entries {len(cache)}",
-        ]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+async def metrics_text(request: web.Request) -> web.Response:
+    registry = request.app.get(METRICS)
+    body = registry.render() if registry is not None else b""
+    return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
 
 # ---------------------------------------------------------------------------------------

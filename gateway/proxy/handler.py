@@ -19,6 +19,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import errors, headers, hostnames
+from gateway.listener import Listener
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.http import RequestPlan, abort_downstream, forward_http
@@ -38,6 +39,9 @@ class EdgeSettings:
     read_idle_seconds: float
     connect_seconds: float
     websocket_max_message_bytes: int
+    # A health path for balancers that can only probe the serving port; answered only
+    # for Hosts outside the sandbox domains, so it never shadows a sandbox's own path.
+    health_path: str | None = None
 
 
 class EdgeHandler:
@@ -61,23 +65,34 @@ class EdgeHandler:
         self.sinks = list(sinks)
         # Gateway listeners, filled in once they are bound (port 0 resolves late).
         self.listeners: list[rules.Endpoint] = []
+        # The connection wrapper of the public listener (header timeout), when there is one.
+        self.listener: Listener | None = None
+        self.draining = False
         self._allowed_addresses: dict[str, bool] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         record = RequestRecord(
             request_id=self._request_id(request), method=request.method, path=request.raw_path
         )
+        if self.listener is not None:
+            self.listener.request_started(request.transport)
         try:
-            return await self._route(request, record)
+            response = await self._route(request, record)
         except errors.EdgeError as exc:
-            return self._answer_error(request, exc, record)
+            response = self._answer_error(request, exc, record)
         except asyncio.CancelledError:
             record.outcome = "client_gone"
             raise
         finally:
+            if self.listener is not None:
+                self.listener.request_finished(request.transport)
             record.finish()
             for sink in self.sinks:
                 sink(record)
+        if self.draining:
+            # Keep-alive clients and balancers move on to another replica.
+            response.force_close()
+        return response
 
     # Private methods ------------------------------------------------------------------
 
@@ -101,10 +116,19 @@ class EdgeHandler:
     async def _route(self, request: web.BaseRequest, record: RequestRecord) -> web.StreamResponse:
         host = request.headers.get("Host")
         record.host = host or ""
-        target = hostnames.parse_host(host, self._settings.domains)
+        request_headers = _text_headers(request.raw_headers)
+        client = headers.resolve_client(
+            _peer_ip(request), request_headers, trusted_networks=self._settings.trusted_networks
+        )
+        record.client_ip = client.ip
+        try:
+            target = hostnames.parse_host(host, self._settings.domains)
+        except errors.UnknownHost:
+            if request.path == self._settings.health_path and request.method in ("GET", "HEAD"):
+                return self._health(record)
+            raise
         record.label, record.port = target.label, target.port
         hostnames.check_absolute_target(request.raw_path, host)
-        request_headers = _text_headers(request.raw_headers)
         upgrade = headers.upgrade_kind(request_headers, method=request.method)
         if upgrade is not None and upgrade != "websocket":
             raise errors.UnsupportedUpgrade(
@@ -116,10 +140,6 @@ class EdgeHandler:
             sandbox = await self._cache.lookup(target.label)
         upstream = model.resolve(sandbox, target.port, label=target.label)
         self._check_dial(upstream, target.label)
-        client = headers.resolve_client(
-            _peer_ip(request), request_headers, trusted_networks=self._settings.trusted_networks
-        )
-        record.client_ip = client.ip
         plan = RequestPlan(
             target=upstream,
             path=_origin_form(request.raw_path),
@@ -179,10 +199,19 @@ class EdgeHandler:
         session = websocket.WebSocketSession(client_side, sandbox_side)
         target = plan.target
         with self.sessions.track(
-            record.label or "", target.port, target.incarnation, session.close_going_away
-        ):
+            record.label or "", target.port, target.incarnation, session.close_going_away,
+            restart=session.close_for_restart,
+        ):  # fmt: skip
             await websocket.relay(session, record)
         return client_side
+
+    def _health(self, record: RequestRecord) -> web.Response:
+        status = 503 if self.draining else 200
+        record.status = status
+        body = {"status": "draining" if self.draining else "ok"}
+        response = web.json_response(body, status=status)
+        response.headers[headers.REQUEST_ID] = record.request_id
+        return response
 
     def _check_dial(self, upstream: model.Upstream, label: str) -> None:
         """Defence in depth: the record may have been written by another control plane."""

@@ -12,6 +12,7 @@ Contract of ``forward_http``:
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -78,10 +79,12 @@ async def forward_http(
         outgoing.append(("Expect", "100-continue"))
     head = _request_head(request.method, plan.path, outgoing)
     body = _client_body(request, record, send_continue=expect) if has_body else None
+    sent = time.monotonic()
     upstream = await pool.request(
         plan.target, head, body, chunked=chunked, head_only=request.method == "HEAD",
         expect_continue=expect and has_body,
     )  # fmt: skip
+    record.upstream_seconds = time.monotonic() - sent
     try:
         record.status = upstream.status
         return await _relay_response(request, upstream, read_idle_seconds, record)

@@ -28,6 +28,8 @@ class Session:
     port: int
     incarnation: str
     stop: Stop
+    # WebSockets only: end the session asking the client to reconnect (drain).
+    restart: Stop | None = None
     stopping: bool = field(default=False)
 
 
@@ -36,9 +38,11 @@ class ActiveSessions:
         self._by_label: dict[str, set[Session]] = {}
 
     @contextlib.contextmanager
-    def track(self, label: str, port: int, incarnation: str, stop: Stop) -> Iterator[Session]:
+    def track(
+        self, label: str, port: int, incarnation: str, stop: Stop, *, restart: Stop | None = None
+    ) -> Iterator[Session]:
         """Register a session for the duration of the ``with`` block."""
-        session = Session(label, port, incarnation, stop)
+        session = Session(label, port, incarnation, stop, restart)
         self._by_label.setdefault(label, set()).add(session)
         try:
             yield session
@@ -78,6 +82,20 @@ class ActiveSessions:
             if isinstance(result, Exception):  # one broken session must not shield the others
                 log.error("stopping a session of %s failed", label, exc_info=result)
         return len(stopping)
+
+    async def restart_websockets(self, reason: str) -> None:
+        """Ask every WebSocket client to reconnect elsewhere (a draining replica)."""
+        restarting = [
+            session
+            for sessions in self._by_label.values()
+            for session in sessions
+            if session.restart is not None and not session.stopping
+        ]
+        for session in restarting:
+            session.stopping = True
+        await asyncio.gather(
+            *(s.restart(reason) for s in restarting if s.restart), return_exceptions=True
+        )
 
     async def stop_all(self, reason: str) -> None:
         """End every session (shutdown), all at once."""

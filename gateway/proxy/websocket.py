@@ -31,6 +31,7 @@ from gateway.proxy.accounting import RequestRecord
 from gateway.routing.model import Upstream
 
 GOING_AWAY = 1001
+SERVICE_RESTART = 1012
 MAX_HEADER_FIELD_BYTES = 16 * 1024
 _AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 # After the client side ended, how long the sandbox side may take to finish closing.
@@ -85,6 +86,10 @@ class WebSocketSession:
     async def close_going_away(self, reason: str) -> None:
         message = close_reason(reason)
         await self.end(_close_both(self, GOING_AWAY, message))
+
+    async def close_for_restart(self, reason: str) -> None:
+        """1012 "service restart": the client should reconnect (to another replica)."""
+        await self.end(_close_both(self, SERVICE_RESTART, close_reason(reason)))
 
 
 def new_client_session(*, connect_seconds: float) -> aiohttp.ClientSession:

@@ -64,7 +64,7 @@ class InvalidationWatcher:
                 try:
                     await self._watch_once()
                 except (SubscriptionLost, redis.exceptions.RedisError, OSError) as exc:
-                    _reraise_swallowed_cancel()
+                    reraise_swallowed_cancel()
                     self._cache.set_subscribed(False)
                     log.warning("invalidation subscription lost: %s", exc)
                 delay = RECONNECT_BACKOFF_SECONDS[min(failures, len(RECONNECT_BACKOFF_SECONDS) - 1)]
@@ -85,7 +85,7 @@ class InvalidationWatcher:
                 message = await asyncio.wait_for(
                     pubsub.get_message(timeout=self._interval), self._interval + 5.0
                 )
-                _reraise_swallowed_cancel()
+                reraise_swallowed_cancel()
                 if message is not None:
                     confirmed = self._handle(message, confirmed)
                 if self._clock() - self._last_beat > self._interval * HEARTBEAT_MISSES:
@@ -97,7 +97,7 @@ class InvalidationWatcher:
         try:
             async with asyncio.timeout(5.0):
                 await pubsub.subscribe(schema.INVALIDATION_CHANNEL)
-            _reraise_swallowed_cancel()
+            reraise_swallowed_cancel()
             yield pubsub
         finally:
             with contextlib.suppress(Exception):
@@ -134,11 +134,11 @@ class InvalidationWatcher:
             with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(self._interval * 2):
                     await self._client.publish(schema.INVALIDATION_CHANNEL, beat)
-            _reraise_swallowed_cancel()
+            reraise_swallowed_cancel()
             await asyncio.sleep(self._interval)
 
 
-def _reraise_swallowed_cancel() -> None:
+def reraise_swallowed_cancel() -> None:
     """Raise the cancellation of this task if a Redis call swallowed it.
 
     redis-py's asyncio client awaits ``asyncio.wait_for`` (e.g. around socket drains),

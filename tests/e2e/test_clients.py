@@ -158,20 +158,6 @@ async def test_websockets_close_codes_and_pings_pass_both_ways(
     assert stats.close_codes[-1] == 4000
 
 
-# The two tests below failed on one gateway bug in gateway/proxy/websocket.py (HEAD at the
-# time of writing): the relay called close() on one side while its own pump task was
-# inside receive() on that side; aiohttp then hands the pump a CLOSING message, which the
-# pump took for a lost connection, closing the *other* side with 1011 "... connection
-# lost". A port close reached the client as 1011 instead of 1001, and a client's clean
-# close was answered with 1011. Non-strict xfail: the suite stays green while the fix
-# lands; make them plain tests once both pass.
-_RELAY_CLOSE_BUG = (
-    "gateway bug: a close started by the gateway or by one peer reaches the other peer "
-    "with a code the gateway made up (1011 'connection lost'), not the real one"
-)
-
-
-@pytest.mark.xfail(reason=_RELAY_CLOSE_BUG, strict=False)
 async def test_websockets_clean_close_is_answered_with_the_same_code(
     gateway: Gateway, upstreams: Upstreams
 ) -> None:
@@ -211,7 +197,6 @@ async def test_websockets_a_frame_too_big_for_the_sandbox_closes_with_1009(
     assert closed.rcvd.code == 1009
 
 
-@pytest.mark.xfail(reason=_RELAY_CLOSE_BUG, strict=False)
 async def test_websockets_closed_with_1001_when_the_port_is_closed(
     gateway: Gateway, upstreams: Upstreams
 ) -> None:

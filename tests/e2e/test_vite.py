@@ -53,9 +53,8 @@ async def _expect_app(page: Page) -> None:
 
 
 def _hmr_closed_by_gateway(sockets: list[RecordedSocket]) -> bool:
-    # DESIGN.md says 1001; the gateway sends 1011 "sandbox connection lost" today (the
-    # relay close bug, see test_clients.py's xfail tests). Tighten to 1001 once fixed.
-    return any(s["protocol"] == "vite-hmr" and s["closeCode"] in (1001, 1011) for s in sockets)
+    # DESIGN.md section 2: a closed port ends its WebSockets with 1001.
+    return any(s["protocol"] == "vite-hmr" and s["closeCode"] == 1001 for s in sockets)
 
 
 def _is_app(response: Response) -> bool:

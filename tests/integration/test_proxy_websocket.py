@@ -524,13 +524,6 @@ async def _read_frame(conn: RawConnection) -> tuple[int, bytes]:
     return first & 0x0F, await conn.reader.readexactly(length)
 
 
-SERVER_WS_CLIENT = (
-    "gateway/server.py builds the WebSocket client with aiohttp's defaults; it must use "
-    "websocket.new_client_session (no auto headers, redirects refused)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SERVER_WS_CLIENT)
 async def test_gateway_adds_no_headers_of_its_own_to_the_handshake(
     gateway: GatewayHandle, host: str
 ) -> None:
@@ -549,7 +542,6 @@ async def test_gateway_adds_no_headers_of_its_own_to_the_handshake(
     assert not names & {"user-agent", "accept", "accept-encoding"}
 
 
-@pytest.mark.xfail(strict=True, reason=SERVER_WS_CLIENT)
 async def test_refused_upgrade_keeps_the_sandboxs_headers(
     gateway: GatewayHandle, writer: RouteWriter
 ) -> None:
