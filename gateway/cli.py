@@ -38,10 +38,11 @@ STATE_DIR_SOURCE = "the embedded Redis recorded in the state dir"
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 refused, 2 bad usage, 130 ^C)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
     try:
         if args.command == "serve":
-            return _serve(args)
+            return _serve(args, raw[raw.index("serve") + 1 :])
         return asyncio.run(_run_writer_command(args))
     except (errors.GatewayError, ConfigError) as exc:
         _fail(exc.message if isinstance(exc, errors.GatewayError) else str(exc))
@@ -72,11 +73,14 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from gateway import server  # noqa: PLC0415 (writer commands need none of the proxy)
+def _serve(args: argparse.Namespace, serve_argv: list[str]) -> int:
+    # The writer commands need none of the proxy: import it only here.
+    from gateway import server, workers  # noqa: PLC0415
 
     config = load_serve_config(args, os.environ)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if config.workers > 1:
+        return uvloop.run(workers.serve_workers(config, serve_argv, on_ready=server.print_ready))
     uvloop.run(server.serve(config, on_ready=server.print_ready))
     return 0
 
@@ -101,8 +105,6 @@ def load_serve_config(args: argparse.Namespace, environ: Mapping[str, str]) -> C
     if args.workers is not None:
         overrides["workers"] = args.workers
     config = load_config(yaml_text=yaml_text, environ=environ, overrides=overrides)
-    if config.workers != 1:
-        raise ConfigError("workers: only 1 worker per process is supported in this release")
     return config
 
 

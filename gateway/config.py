@@ -147,6 +147,9 @@ class ServerConfig:
     # with 1012 (service restart). Keep drain_delay + drain_grace below the platform's
     # termination grace period (Kubernetes terminationGracePeriodSeconds).
     drain_grace_seconds: float = 20.0
+    # Bind with SO_REUSEPORT so several processes share the listeners (``--workers``
+    # sets it for its workers; the kernel spreads connections over them).
+    reuse_port: bool = False
     # Answer GET/HEAD on this path on the public listener (for balancers that can only
     # probe the serving port), for Hosts outside the sandbox domains only; None: off.
     health_path: str | None = None
@@ -170,7 +173,12 @@ class Config:
     # Where the embedded Redis keeps its socket and data; None: $XDG_STATE_HOME/gateway
     # or ~/.local/state/gateway.
     state_dir: str | None = None
+    # Worker processes sharing the listeners (SO_REUSEPORT), each with its own cache and
+    # subscription; about one per core.
     workers: int = 1
+    # Where workers of one process group publish their metrics, so /metrics on any of
+    # them reports the whole group; set by ``--workers``. None: this process alone.
+    metrics_dir: str | None = None
     redis: RedisConfig = field(default_factory=RedisConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -9,9 +9,14 @@ metric objects take a lock and a label lookup per update).
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -29,6 +34,7 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 
 Gauge = Callable[[], float]
+PUBLISH_SECONDS = 1.0
 
 
 @dataclass(slots=True)
@@ -40,13 +46,6 @@ class _Histogram:
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.total += value
-
-    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        cumulative, running = [], 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
-            running += count
-            cumulative.append((_bound(bound), running))
-        return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=self.total)
 
 
 class Metrics:
@@ -61,6 +60,7 @@ class Metrics:
         self._upstream_seconds = _Histogram()
         self._gauges: dict[str, tuple[str, Gauge]] = {}
         self._counters: dict[str, tuple[str, Gauge]] = {}
+        self._group_dir: Path | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -86,12 +86,54 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
+    # Process groups ---------------------------------------------------------------------
+    # With ``--workers N`` every worker publishes a snapshot of its figures to a shared
+    # directory once a second, and a scrape of any worker reports the sum over the group
+    # (other workers' figures are then up to ``PUBLISH_SECONDS`` old).
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's figures as plain JSON-able data."""
+        return {
+            "requests": [[*key, count] for key, count in self._requests.items()],
+            "errors": dict(self._errors),
+            "bytes": [self._bytes_in, self._bytes_out],
+            "request_seconds": [list(self._request_seconds.counts), self._request_seconds.total],
+            "upstream_seconds": [list(self._upstream_seconds.counts), self._upstream_seconds.total],
+            "counters": {name: read() for name, (_, read) in self._counters.items()},
+            "gauges": {name: read() for name, (_, read) in self._gauges.items()},
+        }
+
+    async def publish(self, directory: Path) -> None:
+        """Write this process's snapshot to ``directory`` for ever; removed when cancelled."""
+        path = directory / f"{os.getpid()}.json"
+        self._group_dir = directory
+        try:
+            while True:
+                # A few hundred bytes to a local file once a second: not worth a thread.
+                self._write_snapshot(path)
+                await asyncio.sleep(PUBLISH_SECONDS)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _write_snapshot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.snapshot()))
+        temporary.replace(path)
+
     def collect(self) -> Iterator[Metric]:
+        state = self.snapshot()
+        if self._group_dir is not None:
+            for other in _other_snapshots(self._group_dir):
+                _add(state, other)
+        yield from self._families(state)
+
+    def _families(self, state: dict[str, Any]) -> Iterator[Metric]:
         requests = CounterMetricFamily(
             "gateway_requests", "Requests and WebSocket sessions by outcome and status class",
             labels=["kind", "outcome", "code_class"],
         )  # fmt: skip
-        for (kind, outcome, code_class), count in sorted(self._requests.items()):
+        for kind, outcome, code_class, count in sorted(state["requests"]):
             requests.add_metric([kind, outcome, code_class], count)
         yield requests
         errors = CounterMetricFamily(
@@ -99,23 +141,77 @@ class Metrics:
             "The gateway's own answers and aborts, by stable code",
             labels=["code"],
         )
-        for code, count in sorted(self._errors.items()):
+        for code, count in sorted(state["errors"].items()):
             errors.add_metric([code], count)
         yield errors
         transferred = CounterMetricFamily(
             "gateway_body_bytes", "Body bytes relayed", labels=["direction"]
         )
-        transferred.add_metric(["in"], self._bytes_in)
-        transferred.add_metric(["out"], self._bytes_out)
+        transferred.add_metric(["in"], state["bytes"][0])
+        transferred.add_metric(["out"], state["bytes"][1])
         yield transferred
-        yield self._request_seconds.family("gateway_request_seconds", "Time in the gateway")
-        yield self._upstream_seconds.family(
-            "gateway_upstream_response_seconds", "Request sent to sandbox response head received"
+        yield _histogram_family(
+            "gateway_request_seconds", "Time in the gateway", *state["request_seconds"]
         )
-        for name, (documentation, read) in self._counters.items():
-            yield CounterMetricFamily(name, documentation, value=read())
-        for name, (documentation, read) in self._gauges.items():
-            yield GaugeMetricFamily(name, documentation, value=read())
+        yield _histogram_family(
+            "gateway_upstream_response_seconds",
+            "Request sent to sandbox response head received",
+            *state["upstream_seconds"],
+        )
+        for name, (documentation, _) in self._counters.items():
+            yield CounterMetricFamily(name, documentation, value=state["counters"].get(name, 0))
+        for name, (documentation, _) in self._gauges.items():
+            yield GaugeMetricFamily(name, documentation, value=state["gauges"].get(name, 0))
+
+
+def _histogram_family(
+    name: str, documentation: str, counts: list[int], total: float
+) -> HistogramMetricFamily:
+    cumulative, running = [], 0
+    for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+        running += count
+        cumulative.append((_bound(bound), running))
+    return HistogramMetricFamily(name, documentation, buckets=cumulative, sum_value=total)
+
+
+def _other_snapshots(directory: Path) -> Iterator[dict[str, Any]]:
+    for path in directory.glob("*.json"):
+        pid = int(path.stem) if path.stem.isdigit() else 0
+        if pid == os.getpid() or not _alive(pid):
+            continue
+        try:
+            yield json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced, or a worker that just stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
+    requests = {tuple(row[:3]): row[3] for row in into["requests"]}
+    for *key, count in other.get("requests", []):
+        requests[tuple(key)] = requests.get(tuple(key), 0) + count
+    into["requests"] = [[*key, count] for key, count in requests.items()]
+    for code, count in other.get("errors", {}).items():
+        into["errors"][code] = into["errors"].get(code, 0) + count
+    into["bytes"] = [a + b for a, b in zip(into["bytes"], other.get("bytes", [0, 0]), strict=True)]
+    for name in ("request_seconds", "upstream_seconds"):
+        counts, total = other.get(name, [[0] * len(into[name][0]), 0.0])
+        into[name] = [
+            [a + b for a, b in zip(into[name][0], counts, strict=True)],
+            into[name][1] + total,
+        ]
+    for section in ("counters", "gauges"):
+        for key, value in other.get(section, {}).items():
+            into[section][key] = into[section].get(key, 0) + value
 
 
 def _bound(value: float) -> str:

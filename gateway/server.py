@@ -188,21 +188,21 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
     running: Running | None = None
     try:
         await public_runner.setup()
-        public_server, listen = await _bind_public(listener, config.listen_endpoint)
-        admin = await _bind(admin_runner, config.admin_endpoint)
+        reuse = config.server.reuse_port
+        public_server, listen = await _bind_public(
+            listener, config.listen_endpoint, reuse_port=reuse
+        )
+        admin = await _bind(admin_runner, config.admin_endpoint, reuse_port=reuse)
         handler.listeners = [(listen.host, listen.port), (admin.host, admin.port)]
         settings = _table_settings(config, listen, admin)
         await store.write_settings(client, settings)
         running = Running(
             listen, admin, redis_url, config, health, handler, public_server, public_runner
         )
-        _spawn(running, InvalidationWatcher(
-            client, cache, heartbeat_interval_seconds=config.cache.heartbeat_interval_seconds
-        ).run())  # fmt: skip
-        _spawn(running, _keep_settings(client, settings))
-        if config.access_log.enabled:
-            _spawn(running, access_log.run())
-        cache.listeners.append(_enforcer(running, cache, sessions))
+        _start_tasks(
+            running, client=client, cache=cache, settings=settings, metrics=metrics,
+            access_log=access_log,
+        )  # fmt: skip
         yield running
     finally:
         if public_server is not None:
@@ -219,6 +219,27 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
         await pool.close()
         await ws_client.close()
         await client.aclose()
+
+
+def _start_tasks(
+    running: Running,
+    *,
+    client: store.Redis,
+    cache: RouteCache,
+    settings: schema.TableSettings,
+    metrics: Metrics,
+    access_log: AccessLog,
+) -> None:
+    """The background work of a started gateway; each task is cancelled at shutdown."""
+    _spawn(running, InvalidationWatcher(
+        client, cache, heartbeat_interval_seconds=running.config.cache.heartbeat_interval_seconds
+    ).run())  # fmt: skip
+    _spawn(running, _keep_settings(client, settings))
+    if running.config.access_log.enabled:
+        _spawn(running, access_log.run())
+    if running.config.metrics_dir:
+        _spawn(running, metrics.publish(Path(running.config.metrics_dir)))
+    cache.listeners.append(_enforcer(running, cache, running.handler.sessions))
 
 
 def _route_cache(config: Config, client: store.Redis) -> RouteCache:
@@ -301,19 +322,21 @@ def _register_gauges(
 
 
 async def _bind_public(
-    listener: Listener, endpoint: Endpoint
+    listener: Listener, endpoint: Endpoint, *, reuse_port: bool
 ) -> tuple[asyncio.AbstractServer, Endpoint]:
     # Our own create_server, not aiohttp's TCPSite: every connection goes through the
     # Listener (header timeout, connection cap, PROXY protocol).
     server = await asyncio.get_running_loop().create_server(
-        listener, endpoint.host, endpoint.port, backlog=LISTEN_BACKLOG
+        listener, endpoint.host, endpoint.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
     )
     return server, Endpoint(endpoint.host, int(server.sockets[0].getsockname()[1]))
 
 
-async def _bind(runner: web.BaseRunner, endpoint: Endpoint) -> Endpoint:
+async def _bind(runner: web.BaseRunner, endpoint: Endpoint, *, reuse_port: bool) -> Endpoint:
     await runner.setup()
-    site = web.TCPSite(runner, endpoint.host, endpoint.port, backlog=LISTEN_BACKLOG)
+    site = web.TCPSite(
+        runner, endpoint.host, endpoint.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+    )
     await site.start()
     port = runner.addresses[0][1]  # the real port when 0 was asked for
     return Endpoint(endpoint.host, int(port))

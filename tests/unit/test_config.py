@@ -56,7 +56,7 @@ def test_defaults_are_design_no_config_defaults() -> None:
     assert any(ipaddress.ip_address("::1") in net for net in config.sandbox_networks)
     assert config.trusted_proxies == ()
     assert config.admin_token is None
-    assert config.workers == 1
+    assert config.workers == 2
     assert config.routing.url_id_length == 6
     assert config.routing.public_url_template is None
     assert config.routing.quarantine_seconds == 86_400
@@ -187,14 +187,14 @@ def test_serve_redis_url_flag_and_admin_listen_flag() -> None:
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
-        (["serve", "--workers", "2"], "workers"),
         (["serve", "--workers", "0"], "workers"),
+        (["serve", "--workers", "-1"], "workers"),
         (["serve", "--config", "/nonexistent/gateway.yaml"], "--config"),
     ],
-    ids=["two-workers", "zero-workers", "missing-file"],
+    ids=["zero-workers", "negative-workers", "missing-file"],
 )
 def test_serve_config_refusals(argv: list[str], words: str) -> None:
-    """Unsupported worker counts and an unreadable --config are errors naming the flag."""
+    """Worker counts below 1 and an unreadable --config are errors naming the flag."""
     with pytest.raises(ConfigError, match=words):
         cli.load_serve_config(cli.build_parser().parse_args(argv), {})
 
