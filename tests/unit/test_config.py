@@ -56,7 +56,7 @@ def test_defaults_are_design_no_config_defaults() -> None:
     assert any(ipaddress.ip_address("::1") in net for net in config.sandbox_networks)
     assert config.trusted_proxies == ()
     assert config.admin_token is None
-    assert config.workers == 2
+    assert config.workers == 1
     assert config.routing.url_id_length == 6
     assert config.routing.public_url_template is None
     assert config.routing.quarantine_seconds == 86_400
@@ -300,7 +300,7 @@ def test_example_config_loads() -> None:
     config = load_config(yaml_text=EXAMPLE.read_text(), environ={})
     assert config.domains == ("box.runra.dev",)
     assert config.routing.public_url_template == "https://{port}-{label}.box.runra.dev"
-    assert config.workers == 1
+    assert config.workers == 2
     assert config.redis.url is not None
 
 
