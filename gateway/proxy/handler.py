@@ -68,7 +68,7 @@ class EdgeHandler:
         # The connection wrapper of the public listener (header timeout), when there is one.
         self.listener: Listener | None = None
         self.draining = False
-        self._allowed_addresses: dict[str, bool] = {}
+        self._allowed_addresses: dict[tuple[str, int], bool] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         record = RequestRecord(
@@ -76,6 +76,8 @@ class EdgeHandler:
         )
         if self.listener is not None:
             self.listener.request_started(request.transport)
+        if self.draining:
+            _close_after(request)
         try:
             response = await self._route(request, record)
         except errors.EdgeError as exc:
@@ -217,16 +219,18 @@ class EdgeHandler:
         """Defence in depth: the record may have been written by another control plane."""
         # Remembered per address, never per incarnation: a record rewritten with a new
         # address but the old incarnation must be judged again.
-        allowed = self._allowed_addresses.get(upstream.address)
+        # Judged once per (address, port): parsing addresses on every request shows up
+        # in profiles (docs/performance.md).
+        key = (upstream.address, upstream.port)
+        allowed = self._allowed_addresses.get(key)
         if allowed is None:
             ip = ipaddress.ip_address(upstream.address)
             allowed = any(ip in net for net in self._settings.sandbox_networks)
+            allowed = allowed and not rules.is_gateway_listener(*key, self.listeners)
             if len(self._allowed_addresses) > 100_000:
                 self._allowed_addresses.clear()
-            self._allowed_addresses[upstream.address] = allowed
-        if not allowed or rules.is_gateway_listener(
-            upstream.address, upstream.port, self.listeners
-        ):
+            self._allowed_addresses[key] = allowed
+        if not allowed:
             log.warning("refused route of %s to %s:%s", label, upstream.address, upstream.port)
             raise errors.UpstreamRefused(
                 f"the route of sandbox {label} points outside the sandbox networks",
@@ -263,6 +267,18 @@ def _text_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [
         (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in raw
     ]
+
+
+def _close_after(request: web.BaseRequest) -> None:
+    """Answer ``request`` with ``Connection: close`` and end its connection afterwards.
+
+    ``response.force_close()`` after the handler only reaches answers aiohttp has not sent
+    yet (the gateway's own pages); a relayed answer's head goes out inside the forwarder,
+    where aiohttp derives ``Connection`` from the request's keep-alive. So the request
+    itself is marked as closing (aiohttp has no public way to do it).
+    """
+    request._message = request._message._replace(should_close=True)
+    request._cache.pop("keep_alive", None)
 
 
 def _peer_ip(request: web.BaseRequest) -> str:

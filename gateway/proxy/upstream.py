@@ -238,13 +238,12 @@ class UpstreamResponse:
                 raise self._error
             if self.complete:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            timer = _fail_later(waiter, idle_seconds, "the sandbox stopped sending the body")
             try:
-                async with asyncio.timeout(idle_seconds):
-                    await self._waiter
-            except TimeoutError:
-                raise errors.UpstreamTimeout("the sandbox stopped sending the body") from None
+                await waiter
             finally:
+                timer.cancel()
                 self._waiter = None
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
@@ -330,11 +329,26 @@ class UpstreamResponse:
             self._waiter.set_result(None)
 
     async def _wait_head(self, timeout_seconds: float) -> None:
+        timer = _fail_later(self._head_ready, timeout_seconds, "the sandbox did not answer in time")
         try:
-            async with asyncio.timeout(timeout_seconds):
-                await self._head_ready
-        except TimeoutError:
-            raise errors.UpstreamTimeout("the sandbox did not answer in time") from None
+            await self._head_ready
+        finally:
+            timer.cancel()
+
+
+def _fail_later(future: asyncio.Future[None], seconds: float, message: str) -> asyncio.TimerHandle:
+    """Fail ``future`` with ``UpstreamTimeout(message)`` unless it is done in ``seconds``.
+
+    One timer handle instead of ``asyncio.timeout()``: the request path waits like this
+    on every request, and the context manager's bookkeeping shows up in profiles
+    (docs/performance.md).
+    """
+
+    def expire() -> None:
+        if not future.done():
+            future.set_exception(errors.UpstreamTimeout(message))
+
+    return asyncio.get_running_loop().call_later(seconds, expire)
 
 
 class UpstreamPool:
