@@ -9,6 +9,7 @@ in ``X-Gateway-Error`` and the request id in ``X-Request-Id``.
 from __future__ import annotations
 
 import html
+import http
 import json
 from dataclasses import dataclass
 
@@ -63,8 +64,8 @@ _ADVICE: dict[str, tuple[str, str]] = {
     ),
     "upstream_refused": (
         "Nothing is listening on port {port}",
-        "Nothing is listening on port {port} in sandbox <b>{label}</b>. Start your server "
-        "and bind it to <code>0.0.0.0</code> (not only <code>127.0.0.1</code>), "
+        "Sandbox <b>{label}</b> is running, but no server answers on port {port}. "
+        "Start your server bound to <code>0.0.0.0</code> (not only <code>127.0.0.1</code>), "
         "then reload this page.",
     ),
     "upstream_timeout": (
@@ -94,12 +95,17 @@ _ADVICE: dict[str, tuple[str, str]] = {
 _STYLE = (
     "body{margin:0;font:16px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;"
     "background:#0f172a;color:#e2e8f0;display:flex;min-height:100vh;align-items:center;"
-    "justify-content:center}main{max-width:36rem;padding:2.5rem;margin:1rem;"
-    "background:#1e293b;border-radius:14px;box-shadow:0 10px 40px #0006}"
-    ".status{font-size:.85rem;letter-spacing:.08em;text-transform:uppercase;color:#94a3b8}"
-    "h1{margin:.3rem 0 1rem;font-size:1.6rem;color:#f8fafc}p{margin:0 0 1rem}"
-    "code{background:#0f172a;padding:.1rem .35rem;border-radius:5px;font-size:.9em}"
-    "b{color:#fbbf24}footer{margin-top:1.5rem;font-size:.8rem;color:#64748b}"
+    "justify-content:center}main{width:100%;max-width:36rem;box-sizing:border-box;"
+    "padding:2.5rem;margin:1rem;background:#1e293b;border-radius:14px;"
+    "box-shadow:0 10px 40px #0006}.brand{font-weight:600;font-size:.8rem;color:#38bdf8;"
+    "margin-bottom:1.2rem}.status{font-size:.85rem;letter-spacing:.06em;"
+    "text-transform:uppercase;color:#94a3b8}h1{margin:.3rem 0 1rem;font-size:1.6rem;"
+    "color:#f8fafc}p{margin:0 0 1rem}code{background:#0f172a;padding:.1rem .35rem;"
+    "border-radius:5px;font-size:.9em}b{color:#fbbf24}footer{margin-top:1.5rem;"
+    "font-size:.8rem;color:#94a3b8}footer code{font-size:.95em}"
+    "@media (prefers-color-scheme:light){body{background:#f1f5f9;color:#1e293b}"
+    "main{background:#fff;box-shadow:0 10px 40px #0f172a22}h1{color:#0f172a}"
+    "code{background:#e2e8f0}b{color:#b45309}footer,.status{color:#475569}.brand{color:#0369a1}}"
 )
 
 
@@ -137,7 +143,16 @@ def _html(error: errors.EdgeError, request_id: str) -> bytes:
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         '<meta name=viewport content="width=device-width,initial-scale=1">'
         f"<title>{title}</title><style>{_STYLE}</style></head><body><main>"
-        f"<div class=status>{error.status} · {error.code}</div><h1>{title}</h1>"
-        f"<p>{advice}</p><footer>Request id {html.escape(request_id)}</footer>"
+        "<div class=brand>Sandbox gateway</div>"
+        f"<div class=status>{error.status} · {_phrase(error.status)}</div><h1>{title}</h1>"
+        f"<p>{advice}</p><footer>Error <code>{error.code}</code> · request id "
+        f"<code>{html.escape(request_id)}</code></footer>"
         "</main></body></html>"
     ).encode()
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

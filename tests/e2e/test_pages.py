@@ -7,6 +7,7 @@ PNG images; with ``GATEWAY_TEST_UPDATE_SCREENSHOTS=1`` it also writes them to
 
 from __future__ import annotations
 
+import http
 import os
 import shutil
 import socket
@@ -52,7 +53,9 @@ async def test_gateway_pages_render_and_are_captured(
         assert response.headers["content-type"].startswith("text/html")
         assert response.headers.get("x-request-id")
         await expect(page.locator("h1")).to_have_text(title)
-        await expect(page.locator("body")).to_contain_text(f"{status} · {code}")
+        phrase = http.HTTPStatus(status).phrase
+        await expect(page.locator(".status")).to_have_text(f"{status} · {phrase}")
+        await expect(page.locator("footer")).to_contain_text(f"Error {code}")
         shots[name] = tmp_path / f"{name}.png"
         await page.screenshot(path=shots[name])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http
 import json
 
 import pytest
@@ -68,7 +69,8 @@ def test_html_answer(kind: type[errors.EdgeError]) -> None:
     assert headers["Content-Type"] == "text/html; charset=utf-8"
     text = page.body.decode()
     assert text.startswith("<!doctype html>")
-    assert f"{kind.status} · {kind.code}" in text
+    assert f"{kind.status} · {http.HTTPStatus(kind.status).phrase}" in text
+    assert f"<code>{kind.code}</code>" in text
     assert "rid-2" in text
     # Every code has its own words (not the generic fallback).
     assert "<title>Gateway error</title>" not in text
