@@ -4,8 +4,9 @@ Cheap on the hot path by construction: the sink only appends the finished
 ``RequestRecord`` to a list; a background task formats and writes the batch every
 ``FLUSH_SECONDS`` (stdlib logging per request costs 30-40 % of throughput, measured in
 shared/research/aiohttp-proxy-facts.md section 2). Secrets are never written: no request
-headers at all, and the query string is dropped unless ``include_query`` is set (preview
-URLs such as Jupyter's carry tokens there).
+headers at all, the query string is dropped unless ``include_query`` is set (preview
+URLs such as Jupyter's carry tokens there), and so is the userinfo of an absolute-form
+target (``http://user:pass@host/``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,11 @@ class AccessLog:
             self._stream.flush()
 
     def line(self, record: RequestRecord) -> bytes:
-        path = record.path if self._include_query else record.path.partition("?")[0]
+        path = record.path
+        if not path.startswith("/"):
+            path = _without_userinfo(path)
+        if not self._include_query:
+            path = path.partition("?")[0]
         entry = {
             "time": _iso(record.started + self._wall_offset),
             "requestId": record.request_id,
@@ -78,6 +83,19 @@ class AccessLog:
             "code": record.code or None,
         }
         return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+def _without_userinfo(target: str) -> str:
+    """An absolute-form target (``http://user:pass@host/...``) without its userinfo: the
+    gateway refuses such requests (invalid_host), but their line must not carry it."""
+    scheme, separator, rest = target.partition("://")
+    if not separator:
+        return target
+    cut = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    authority = rest[:cut]
+    if "@" not in authority:
+        return target
+    return f"{scheme}://{authority.rpartition('@')[2]}{rest[cut:]}"
 
 
 def _ms(seconds: float | None) -> float | None:

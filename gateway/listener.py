@@ -9,9 +9,12 @@ gets a ``_Connection`` that sits in front of aiohttp's ``RequestHandler`` and
   trusted peers, waits for it a bounded time, and then presents the client's address to
   aiohttp as the peer (``request.remote`` and the access log become right);
 - closes a connection whose request head has not fully arrived ``header_timeout_seconds``
-  after its first byte (slowloris). The handler tells the listener when a request's head
-  is in (``request_started``) and when it is done (``request_finished``); idle keep-alive
-  time between requests is aiohttp's own ``keepalive_timeout``, not this timer.
+  after the connection opened (after the PROXY header, when there is one), or after the
+  first byte of a later request on a kept-alive connection (slowloris, and connections
+  that never send anything: aiohttp would hold those for ever). The handler tells the
+  listener when a request's head is in (``request_started``) and when it is done
+  (``request_finished``); idle keep-alive time between requests is aiohttp's own
+  ``keepalive_timeout``, not this timer.
 """
 
 from __future__ import annotations
@@ -191,6 +194,8 @@ class _Connection(asyncio.Protocol):
         self._inner = self._listener._inner_factory()
         self._seen = transport
         self._listener._by_transport[transport] = self
+        # The first request head is due within the header timeout of the connection itself.
+        self._arm(self._listener.policy.header_timeout_seconds)
         self._inner.connection_made(transport)
 
     def _read_proxy_header(self, data: bytes) -> None:

@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
+from gateway import errors
 from gateway.config import Config, Endpoint
 from gateway.server import check_admin_binding, redis_for
 
@@ -43,6 +44,12 @@ def reserve(endpoint: Endpoint) -> tuple[socket.socket, Endpoint]:
     return holder, Endpoint(endpoint.host, holder.getsockname()[1])
 
 
+class WorkerFailed(errors.GatewayError):
+    """A worker could not start; ``gateway serve`` says so in one line."""
+
+    code = "worker_failed"
+
+
 class _Worker:
     def __init__(self, index: int, argv: list[str], env: dict[str, str]) -> None:
         self.index = index
@@ -60,7 +67,7 @@ class _Worker:
         async with asyncio.timeout(READY_SECONDS):
             line = await self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker {self.index} exited before it was ready")
+            raise WorkerFailed(f"worker {self.index} exited before it was ready (see its log)")
         self._relay = asyncio.get_running_loop().create_task(self._relay_stdout())
 
     async def _relay_stdout(self) -> None:
@@ -108,7 +115,15 @@ async def serve_workers(
             env = {**os.environ, "GATEWAY_SERVER__REUSE_PORT": "true",
                    "GATEWAY_METRICS_DIR": config.metrics_dir or metrics_dir}  # fmt: skip
             workers.extend(_Worker(i, worker_argv, env) for i in range(config.workers))
-            await asyncio.gather(*(worker.start() for worker in workers))
+            try:
+                await asyncio.gather(*(worker.start() for worker in workers))
+            except BaseException:
+                for worker in workers:  # never leave the ones that did start behind
+                    worker.signal(signal.SIGKILL)
+                await asyncio.gather(
+                    *(w.wait() for w in workers if w.process), return_exceptions=True
+                )
+                raise
             on_ready({
                 "event": "ready", "listen": str(listen), "admin": str(admin), "redis": url,
                 "workers": str(config.workers),

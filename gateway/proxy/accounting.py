@@ -29,6 +29,9 @@ class RequestRecord:
     # stream was cut after its head went out.
     code: str = ""
     outcome: str = "ok"  # ok | gateway_error | aborted | client_gone
+    # A WebSocket session that ended with a close frame: the client's connection going
+    # away after it is the normal end, not "client_gone".
+    closed: bool = False
     bytes_in: int = 0
     bytes_out: int = 0
     started: float = field(default_factory=time.monotonic)

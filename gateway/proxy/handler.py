@@ -83,7 +83,8 @@ class EdgeHandler:
         except errors.EdgeError as exc:
             response = self._answer_error(request, exc, record)
         except asyncio.CancelledError:
-            record.outcome = "client_gone"
+            if not record.closed:
+                record.outcome = "client_gone"
             raise
         finally:
             if self.listener is not None:
@@ -125,8 +126,12 @@ class EdgeHandler:
         record.client_ip = client.ip
         try:
             target = hostnames.parse_host(host, self._settings.domains)
-        except errors.UnknownHost:
-            if request.path == self._settings.health_path and request.method in ("GET", "HEAD"):
+        except (errors.UnknownHost, errors.InvalidHost) as exc:
+            # The health path never shadows a sandbox's own: only a Host outside the
+            # sandbox domains (an IP literal, the balancer's name), or none at all (an
+            # HTTP/1.0 probe), gets it.
+            outside = isinstance(exc, errors.UnknownHost) or host is None
+            if outside and self._is_health_probe(request):
                 return self._health(record)
             raise
         record.label, record.port = target.label, target.port
@@ -192,6 +197,7 @@ class EdgeHandler:
                 self._settings.websocket_max_message_bytes
             ),
         )  # fmt: skip
+        client_side.headers[headers.REQUEST_ID] = record.request_id
         try:
             await client_side.prepare(request)
         except BaseException:
@@ -204,8 +210,17 @@ class EdgeHandler:
             record.label or "", target.port, target.incarnation, session.close_going_away,
             restart=session.close_for_restart,
         ):  # fmt: skip
-            await websocket.relay(session, record)
+            try:
+                await websocket.relay(session, record)
+            finally:
+                # A session that ended with a close frame to the client ended normally,
+                # even if the client's connection drops (cancelling us) right after.
+                record.closed = client_side.close_code is not None
         return client_side
+
+    def _is_health_probe(self, request: web.BaseRequest) -> bool:
+        path = self._settings.health_path
+        return path is not None and request.path == path and request.method in ("GET", "HEAD")
 
     def _health(self, record: RequestRecord) -> web.Response:
         status = 503 if self.draining else 200
