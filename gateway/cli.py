@@ -117,7 +117,7 @@ async def _run_writer_command(args: argparse.Namespace) -> int:
     url, source = _redis_url(args)
     timeout = EVENTS_BLOCK_SECONDS + 2.0 if args.command == "events" else 2.0
     try:
-        client = store.open_redis(url, timeout_seconds=timeout)
+        client = store.open_client(url, timeout_seconds=timeout)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     try:
@@ -128,7 +128,7 @@ async def _run_writer_command(args: argparse.Namespace) -> int:
         await client.aclose()
 
 
-async def _check_embedded_answers(client: store.Redis, url: str) -> None:
+async def _check_embedded_answers(client: store.Client, url: str) -> None:
     """A URL left behind by a serve that crashed names a socket nobody answers on."""
     try:
         with store.redis_errors("a ping"):
@@ -141,7 +141,7 @@ async def _check_embedded_answers(client: store.Redis, url: str) -> None:
         ) from None
 
 
-async def _run_on(client: store.Redis, args: argparse.Namespace) -> int:
+async def _run_on(client: store.Client, args: argparse.Namespace) -> int:
     try:
         if args.command == "events":
             async for event in store.read_events(

@@ -29,7 +29,12 @@ ENV_PREFIX = "GATEWAY_"
 _ENV_NOT_KEYS = frozenset({"REDIS_URL", "ADMIN_TOKEN", "REDIS_SERVER"})
 _ENV_IGNORED_PREFIXES = ("TEST_",)
 
-_REDIS_SCHEMES = ("redis:", "rediss:", "unix:")
+# redis+cluster://host:port[,host:port...] (rediss+cluster:// with TLS): Redis Cluster.
+# redis+sentinel://host:port[,host:port...]/SERVICE: the primary Sentinel names.
+_REDIS_SCHEMES = (
+    "redis:", "rediss:", "unix:", "redis+cluster:", "rediss+cluster:", "redis+sentinel:",
+    "rediss+sentinel:",
+)  # fmt: skip
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _T = typing.TypeVar("_T")
@@ -66,7 +71,9 @@ def parse_endpoint(text: str, *, key: str = "listen") -> Endpoint:
 
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
-    # None: start the embedded redis-server (local development only).
+    # None: start the embedded redis-server (local development only). A Redis Cluster:
+    # redis+cluster://host:port[,host:port...], the nodes being seeds. Sentinel:
+    # redis+sentinel://host:port[,host:port...]/SERVICE, the hosts being sentinels.
     url: str | None = None
     # One route lookup on a cache miss; a hot path, so short.
     lookup_timeout_seconds: float = 0.25
@@ -100,7 +107,7 @@ class CacheConfig:
     # "No such sandbox" answers are cached briefly so a label scan cannot hammer Redis;
     # an expose or create invalidates them at once.
     negative_ttl_seconds: float = 1.0
-    # The watcher publishes a heartbeat to itself this often; two missed beats mean the
+    # The watcher publishes a heartbeat to itself this often; four missed beats mean the
     # subscription is black-holed and the cache is flushed.
     heartbeat_interval_seconds: float = 0.5
 

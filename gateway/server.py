@@ -127,14 +127,21 @@ class Running:
         await _wait_or(hard_stop, server_config.drain_delay_seconds)
         self.public_server.close()
         await self.handler.sessions.restart_websockets("the gateway is restarting; reconnect")
-        if not hard_stop.is_set():
-            # aiohttp's shutdown waits for in-flight handlers up to its shutdown_timeout.
-            shutdown = asyncio.ensure_future(self.public_runner.shutdown())
+        edge = self.public_runner.server
+        if edge is not None and not hard_stop.is_set():
+            # web.Server.shutdown closes idle keep-alive connections and waits for the
+            # in-flight handlers (ServerRunner.shutdown does nothing of the kind).
+            edge.pre_shutdown()
+            shutdown = asyncio.ensure_future(edge.shutdown(server_config.drain_grace_seconds))
+            interrupted = asyncio.ensure_future(hard_stop.wait())
             await asyncio.wait(
-                [shutdown, asyncio.ensure_future(hard_stop.wait())],
+                [shutdown, interrupted],
                 timeout=server_config.drain_grace_seconds,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+            for waiter in (shutdown, interrupted):
+                waiter.cancel()
+            await asyncio.gather(shutdown, interrupted, return_exceptions=True)
         log.info("drained")
 
 
@@ -147,7 +154,7 @@ async def _wait_or(event: asyncio.Event, seconds: float) -> None:
 @contextlib.asynccontextmanager
 async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
     """The gateway on ``redis_url``, running for the duration of the ``async with``."""
-    client = store.open_redis(redis_url, timeout_seconds=config.redis.write_timeout_seconds)
+    client = store.open_client(redis_url, timeout_seconds=config.redis.write_timeout_seconds)
     await _refuse_other_schema(client)
     cache = _route_cache(config, client)
     pool = _upstream_pool(config)
@@ -176,7 +183,7 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
     public_runner = web.ServerRunner(
         edge, handle_signals=False, shutdown_timeout=config.server.drain_grace_seconds
     )
-    health = api.Health()
+    health = api.Health(started=False)
     writer = store.RouteWriter(client, timeout_seconds=config.redis.write_timeout_seconds)
     admin_runner = web.AppRunner(
         api.create_app(writer, token=config.admin_token, health=health, metrics=metrics),
@@ -203,6 +210,7 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
             running, client=client, cache=cache, settings=settings, metrics=metrics,
             access_log=access_log,
         )  # fmt: skip
+        health.started = True  # /readyz: settings written, watcher running
         yield running
     finally:
         if public_server is not None:
@@ -224,7 +232,7 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
 def _start_tasks(
     running: Running,
     *,
-    client: store.Redis,
+    client: store.Client,
     cache: RouteCache,
     settings: schema.TableSettings,
     metrics: Metrics,
@@ -242,7 +250,7 @@ def _start_tasks(
     cache.listeners.append(_enforcer(running, cache, running.handler.sessions))
 
 
-def _route_cache(config: Config, client: store.Redis) -> RouteCache:
+def _route_cache(config: Config, client: store.Client) -> RouteCache:
     return RouteCache(
         store.RouteReader(client, timeout_seconds=config.redis.lookup_timeout_seconds).get,
         max_entries=config.cache.max_entries,
@@ -357,14 +365,14 @@ def _table_settings(config: Config, listen: Endpoint, admin: Endpoint) -> schema
     )
 
 
-async def _refuse_other_schema(client: store.Redis) -> None:
+async def _refuse_other_schema(client: store.Client) -> None:
     try:
         await store.read_settings(client)
     except errors.TableNotInitialised:
         return
 
 
-async def _keep_settings(client: store.Redis, settings: schema.TableSettings) -> None:
+async def _keep_settings(client: store.Client, settings: schema.TableSettings) -> None:
     while True:
         await asyncio.sleep(SETTINGS_CHECK_SECONDS)
         with contextlib.suppress(errors.StoreUnavailable):

@@ -20,6 +20,8 @@ import dataclasses
 import ipaddress
 import os
 import time
+import urllib.parse
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.exceptions
 
 from gateway import errors
@@ -57,15 +60,182 @@ Client = aioredis.Redis | redis.asyncio.cluster.RedisCluster
 _BLOCK_MARGIN_SECONDS = 0.5
 
 
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}  # scheme -> TLS
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaWait:
+    """Acknowledged writes: each write returns once ``replicas`` replicas have it (WAIT)."""
+
+    replicas: int
+    timeout_seconds: float
+
+
+# The wait policy a URL gave a client (``RouteWriter`` looks it up; weak: no leak).
+_WAITS: weakref.WeakKeyDictionary[Any, ReplicaWait] = weakref.WeakKeyDictionary()
+_WAIT_PARAMS = ("wait_replicas", "wait_timeout_ms")
+DEFAULT_WAIT_TIMEOUT_MS = 1000
+
+
+def replica_wait_of(client: Client) -> ReplicaWait | None:
+    """The ``?wait_replicas=`` policy of the URL ``client`` was opened with, if any."""
+    return _WAITS.get(client)
+
+
+def split_wait(url: str) -> tuple[str, ReplicaWait | None]:
+    """``url`` without ``wait_replicas``/``wait_timeout_ms``, and the policy they give.
+
+    Raises:
+        ValueError: a value that is not a whole number in range.
+    """
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, None
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    values = {k: v for k, v in pairs if k in _WAIT_PARAMS}
+    rest = [(k, v) for k, v in pairs if k not in _WAIT_PARAMS]
+    stripped = base + ("?" + urllib.parse.urlencode(rest) if rest else "")
+    replicas_text = values.get("wait_replicas", "0")
+    timeout_text = values.get("wait_timeout_ms", str(DEFAULT_WAIT_TIMEOUT_MS))
+    if not replicas_text.isdigit() or not timeout_text.isdigit() or int(timeout_text) == 0:
+        raise ValueError(
+            f"{url!r}: wait_replicas must be a whole number and wait_timeout_ms a positive one"
+        )
+    if int(replicas_text) == 0:
+        return stripped, None
+    return stripped, ReplicaWait(int(replicas_text), int(timeout_text) / 1000)
+
+
 def open_redis(url: str, *, timeout_seconds: float = 2.0) -> Redis:
-    """A client for ``url`` (redis://, rediss:// or unix://) with bounded socket waits.
+    """A client for ``url`` (redis://, rediss://, unix:// or redis+sentinel://) with bounded waits.
+
+    ``redis+sentinel://[user:password@]host:port[,host:port...]/SERVICE`` (the hosts are
+    sentinels; ``rediss+sentinel://`` for TLS to the primary) gives a client of the
+    primary that Sentinel names for SERVICE, found again after every failover.
+
+    ``?wait_replicas=N[&wait_timeout_ms=M]`` on any of them makes every ``RouteWriter``
+    write on this client acknowledged: it returns only once N replicas have the write
+    (Redis ``WAIT``, at most M ms, default 1000), else it raises ``StoreUnavailable``
+    saying the change was applied but not acknowledged. A write the control plane was
+    told succeeded then survives a failover.
 
     Raises:
         ValueError: ``url`` is not a Redis URL (the message names the schemes accepted).
     """
-    return aioredis.Redis.from_url(
-        url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds
+    url, wait = split_wait(url)
+    # A WAIT blocks its connection for up to its timeout: the socket must outwait it.
+    socket_timeout = timeout_seconds + (wait.timeout_seconds if wait else 0.0)
+    scheme = url.partition("://")[0].lower()
+    client: Redis
+    if scheme in SENTINEL_SCHEMES:
+        client = _open_sentinel(
+            url, ssl=SENTINEL_SCHEMES[scheme], timeout_seconds=timeout_seconds,
+            socket_timeout=socket_timeout,
+        )  # fmt: skip
+    else:
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=timeout_seconds
+        )
+    if wait is not None:
+        _WAITS[client] = wait
+    return client
+
+
+class _SentinelRedis(aioredis.Redis):
+    """The primary's client; closing it closes its sentinel connections too."""
+
+    sentinel_manager: redis.asyncio.sentinel.Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            manager = self.sentinel_manager
+            for client in manager.sentinels if manager is not None else ():
+                await client.aclose()
+
+
+def _open_sentinel(url: str, *, ssl: bool, timeout_seconds: float, socket_timeout: float) -> Redis:
+    seeds, username, password, service = _parse_seeds(url, path_is="service")
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds,
+    }  # fmt: skip
+    manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        seeds, sentinel_kwargs=dict(kwargs)
     )
+    kwargs["socket_timeout"] = socket_timeout
+    if ssl:
+        kwargs["ssl"] = True
+    client: _SentinelRedis = manager.master_for(
+        service, redis_class=_SentinelRedis, username=username, password=password, **kwargs
+    )
+    client.sentinel_manager = manager
+    return client
+
+
+def open_client(url: str, *, timeout_seconds: float = 2.0) -> Client:
+    """``open_redis``, plus Redis Cluster URLs (the gateway's and writers' entry point).
+
+    ``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://``
+    for TLS) gives a ``RedisCluster`` client: the listed nodes are seeds, the client
+    discovers the rest and follows slot moves and failovers. Anything else goes to
+    ``open_redis``.
+
+    Raises:
+        ValueError: ``url`` is not a Redis URL (the message names the schemes accepted).
+    """
+    scheme = url.partition("://")[0].lower()
+    if scheme not in CLUSTER_SCHEMES:
+        return open_redis(url, timeout_seconds=timeout_seconds)
+    if split_wait(url)[1] is not None:
+        # WAIT must follow the write on its connection; the cluster client pools per node.
+        raise ValueError(f"{url!r}: wait_replicas is not supported on Redis Cluster URLs")
+    seeds, username, password = parse_cluster_url(url)
+    return redis.asyncio.cluster.RedisCluster(
+        startup_nodes=[redis.asyncio.cluster.ClusterNode(h, p) for h, p in seeds],
+        username=username,
+        password=password,
+        ssl=CLUSTER_SCHEMES[scheme],
+        socket_timeout=timeout_seconds,
+        socket_connect_timeout=timeout_seconds,
+    )
+
+
+def parse_cluster_url(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """``(seed nodes, username, password)`` of a ``redis+cluster://`` URL.
+
+    Raises:
+        ValueError: no seed, a seed that is not ``host:port``, or a database other than 0.
+    """
+    seeds, username, password, _ = _parse_seeds(url, path_is="database")
+    return seeds, username, password
+
+
+def _parse_seeds(
+    url: str, *, path_is: str
+) -> tuple[list[tuple[str, int]], str | None, str | None, str]:
+    """``(host:port seeds, username, password, path)`` of a cluster or sentinel URL."""
+    rest = url.partition("://")[2]
+    netloc, _, path = rest.split("?", 1)[0].partition("/")
+    path = path.strip("/")
+    if path_is == "database" and path not in ("", "0"):
+        raise ValueError(f"{url!r}: Redis Cluster has database 0 only")
+    if path_is == "service" and not path:
+        raise ValueError(f"{url!r}: name the Sentinel service: redis+sentinel://HOST:PORT/NAME")
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    seeds: list[tuple[str, int]] = []
+    for item in filter(None, hosts.split(",")):
+        host, _, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{url!r}: seed {item!r} is not host:port")
+        seeds.append((host, int(port)))
+    if not seeds:
+        raise ValueError(f"{url!r}: name at least one host:port")
+    unquote = urllib.parse.unquote
+    return seeds, unquote(username) or None, unquote(password) or None, unquote(path)
 
 
 @contextlib.contextmanager
@@ -206,10 +376,15 @@ class RouteWriter:
         *,
         timeout_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
+        replica_wait: ReplicaWait | None = None,
     ) -> None:
+        """``replica_wait``: acknowledged writes; default: what the client's URL asked for."""
         self._client = client
         self._timeout = timeout_seconds
         self._clock = clock
+        self._wait = replica_wait or replica_wait_of(client)
+        if self._wait is not None and isinstance(client, redis.asyncio.cluster.RedisCluster):
+            raise ValueError("acknowledged writes (WAIT) are not supported on Redis Cluster")
         self._script = client.register_script(load_script("write_record.lua"))
 
     # Public methods -------------------------------------------------------------------
@@ -352,25 +527,50 @@ class RouteWriter:
             if new is record:
                 return WriteResult(new, changed=False, previous=record)
             ttl = settings.quarantine_seconds if new.state is model.State.TERMINATED else 0
-            won, new_gen = await self._compare_and_set(label, gen, new, ttl)
+            won, new_gen, acked = await self._compare_and_set(label, gen, new, ttl)
             if won:
                 written = dataclasses.replace(new, gen=new_gen)
                 await self._append_event(settings, op, written, port=port, previous=record)
+                if self._wait is not None and acked < self._wait.replicas:
+                    raise errors.StoreUnavailable(
+                        f"the change was applied (gen {new_gen}) but only {acked} of "
+                        f"{self._wait.replicas} replicas acknowledged it within "
+                        f"{self._wait.timeout_seconds:g} s, so a failover could lose it; retry"
+                    )
                 return WriteResult(written, changed=True, previous=record)
         raise errors.StoreUnavailable(f"too many concurrent writes to label {label!r}; retry")
 
     async def _compare_and_set(
         self, label: str, gen: int, record: Sandbox, ttl: int
-    ) -> tuple[bool, int]:
+    ) -> tuple[bool, int, int]:
+        """``(won, generation, replicas that acknowledged)``; 0 replicas without a wait."""
         flat: list[str] = []
         for name, value in schema.encode_sandbox(record).items():
             flat += [name, value]
         keys = [schema.sandbox_key(label), schema.gen_key(label)]
         argv = [str(gen), str(ttl), schema.INVALIDATION_CHANNEL, label, *flat]
-        reply = await _bounded("writing a sandbox", self._timeout, self._script(
-            keys=keys, args=argv
-        ))  # fmt: skip
-        return bool(int(reply[0])), int(reply[1])
+        if self._wait is None or not isinstance(self._client, aioredis.Redis):
+            reply = await _bounded("writing a sandbox", self._timeout, self._script(
+                keys=keys, args=argv
+            ))  # fmt: skip
+            return bool(int(reply[0])), int(reply[1]), 0
+        wait = self._wait
+        reply, acked = await _bounded(
+            "writing a sandbox", self._timeout + wait.timeout_seconds,
+            self._write_and_wait(self._client, wait, keys, argv),
+        )  # fmt: skip
+        return bool(int(reply[0])), int(reply[1]), int(acked)
+
+    async def _write_and_wait(
+        self, client: Redis, wait: ReplicaWait, keys: list[str], argv: list[str]
+    ) -> tuple[Any, Any]:
+        # One pipeline is one connection: WAIT counts the replicas that have *this*
+        # connection's writes, so it must follow the script on the same connection.
+        async with client.pipeline(transaction=False) as pipe:
+            await self._script(keys=keys, args=argv, client=pipe)
+            pipe.wait(wait.replicas, max(1, int(wait.timeout_seconds * 1000)))
+            reply, acked = await pipe.execute()
+        return reply, acked
 
     async def _append_event(
         self,

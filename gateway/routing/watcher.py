@@ -8,6 +8,12 @@ dropping (a black hole), so the watcher publishes a heartbeat to itself on the s
 channel; when none has come back for ``HEARTBEAT_MISSES`` intervals, the subscription is
 treated as lost: the cache is told (it flushes and shortens TTLs) and the watcher
 subscribes again.
+
+On Redis Cluster, classic PUBLISH is broadcast over the cluster bus to every node, so a
+subscription on any one node hears every invalidation. The watcher subscribes with a plain
+connection to one node of the cluster's current node list, a different one at each
+(re)subscribe, so a dead node is left at the next attempt. The heartbeat is published
+through the cluster client (to whichever node it picks), so it checks the same path.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
+import redis.asyncio.cluster
 import redis.exceptions
 
 from gateway.routing import schema
@@ -29,6 +36,12 @@ log = logging.getLogger("gateway.watcher")
 
 HEARTBEAT_MISSES = 4
 RECONNECT_BACKOFF_SECONDS = (0.05, 0.1, 0.2, 0.5, 1.0)
+# Connection settings a cluster node's subscriber connection inherits from the cluster
+# client (the rest of a node's kwargs are cluster-client internals).
+_NODE_KWARGS = (
+    "host", "port", "username", "password", "credential_provider", "socket_timeout",
+    "socket_connect_timeout", "socket_keepalive",
+)  # fmt: skip
 
 
 class SubscriptionLost(Exception):
@@ -40,7 +53,7 @@ class InvalidationWatcher:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | redis.asyncio.cluster.RedisCluster,
         cache: RouteCache,
         *,
         heartbeat_interval_seconds: float,
@@ -53,7 +66,10 @@ class InvalidationWatcher:
         self._replica = os.urandom(6).hex()
         self._beat_prefix = f"{schema.HEARTBEAT_PREFIX}{self._replica}:".encode()
         self._last_beat = clock()
+        self._next_node = 0
         self.resubscribes = 0
+        # The cluster node of the current subscription (``host:port``), None standalone.
+        self.subscribed_node: str | None = None
 
     async def run(self) -> None:
         """Subscribe, apply messages, and re-subscribe after any loss, for ever."""
@@ -93,16 +109,47 @@ class InvalidationWatcher:
 
     @contextlib.asynccontextmanager
     async def _subscription(self) -> AsyncIterator[aioredis.client.PubSub]:
-        pubsub = self._client.pubsub()
+        node_client: aioredis.Redis | None = None
+        if isinstance(self._client, redis.asyncio.cluster.RedisCluster):
+            node_client = await self._node_client(self._client)
+            pubsub = node_client.pubsub()
+        else:
+            pubsub = self._client.pubsub()
         try:
             async with asyncio.timeout(5.0):
                 await pubsub.subscribe(schema.INVALIDATION_CHANNEL)
             reraise_swallowed_cancel()
             yield pubsub
         finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            try:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            finally:
+                # Our own pool on that node: close it whatever happened above.
+                if node_client is not None:
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            await node_client.aclose()
+
+    async def _node_client(self, cluster: redis.asyncio.cluster.RedisCluster) -> aioredis.Redis:
+        """A one-server client on the next node of the cluster (its own connection pool)."""
+        async with asyncio.timeout(5.0):
+            await cluster.initialize()  # a no-op once the slots are known
+        reraise_swallowed_cancel()
+        nodes = sorted(cluster.get_nodes(), key=lambda n: n.name)
+        if not nodes:
+            raise SubscriptionLost("the cluster client knows no nodes")
+        node = nodes[self._next_node % len(nodes)]
+        self._next_node += 1
+        self.subscribed_node = node.name
+        kwargs = {
+            key: value
+            for key, value in node.connection_kwargs.items()
+            if key in _NODE_KWARGS or key.startswith("ssl")
+        }
+        pool = aioredis.ConnectionPool(connection_class=node.connection_class, **kwargs)
+        return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 
     def _handle(self, message: dict[str, object], confirmed: bool) -> bool:
         kind = message.get("type")
