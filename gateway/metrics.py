@@ -60,6 +60,7 @@ class Metrics:
         self._upstream_seconds = _Histogram()
         self._gauges: dict[str, tuple[str, Gauge]] = {}
         self._counters: dict[str, tuple[str, Gauge]] = {}
+        self._histograms: dict[str, tuple[str, _Histogram]] = {}
         self._group_dir: Path | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -74,6 +75,12 @@ class Metrics:
         self._request_seconds.observe(record.total_seconds)
         if record.upstream_seconds is not None:
             self._upstream_seconds.observe(record.upstream_seconds)
+
+    def histogram(self, name: str, documentation: str) -> Callable[[float], None]:
+        """Declare histogram ``name`` (seconds); returns its ``observe`` function."""
+        histogram = _Histogram()
+        self._histograms[name] = (documentation, histogram)
+        return histogram.observe
 
     def gauge(self, name: str, documentation: str, read: Gauge) -> None:
         """Report ``read()`` at every scrape as gauge ``name``."""
@@ -101,6 +108,9 @@ class Metrics:
             "upstream_seconds": [list(self._upstream_seconds.counts), self._upstream_seconds.total],
             "counters": {name: read() for name, (_, read) in self._counters.items()},
             "gauges": {name: read() for name, (_, read) in self._gauges.items()},
+            "histograms": {
+                name: [list(h.counts), h.total] for name, (_, h) in self._histograms.items()
+            },
         }
 
     async def publish(self, directory: Path) -> None:
@@ -158,6 +168,8 @@ class Metrics:
             "Request sent to sandbox response head received",
             *state["upstream_seconds"],
         )
+        for name, (documentation, _) in self._histograms.items():
+            yield _histogram_family(name, documentation, *state["histograms"][name])
         for name, (documentation, _) in self._counters.items():
             yield CounterMetricFamily(name, documentation, value=state["counters"].get(name, 0))
         for name, (documentation, _) in self._gauges.items():
@@ -212,6 +224,11 @@ def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
     for section in ("counters", "gauges"):
         for key, value in other.get(section, {}).items():
             into[section][key] = into[section].get(key, 0) + value
+    for key, (counts, total) in other.get("histograms", {}).items():
+        mine = into["histograms"].get(key)
+        if mine is not None:
+            merged = [a + b for a, b in zip(mine[0], counts, strict=True)]
+            into["histograms"][key] = [merged, mine[1] + total]
 
 
 def _bound(value: float) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from gateway.proxy.sessions import ActiveSessions
 from gateway.proxy.upstream import UpstreamPool, UpstreamTimeouts
 from gateway.routing import schema, store
 from gateway.routing.cache import RouteCache
+from gateway.routing.model import Sandbox
 from gateway.routing.watcher import InvalidationWatcher, reraise_swallowed_cancel
 
 log = logging.getLogger("gateway.server")
@@ -156,13 +158,13 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
     """The gateway on ``redis_url``, running for the duration of the ``async with``."""
     client = store.open_client(redis_url, timeout_seconds=config.redis.write_timeout_seconds)
     await _refuse_other_schema(client)
-    cache = _route_cache(config, client)
-    pool = _upstream_pool(config)
+    metrics = Metrics()
+    cache = _route_cache(config, client, metrics)
+    pool = _upstream_pool(config, metrics)
     ws_client = websocket.new_client_session(
         connect_seconds=config.upstream.connect_timeout_seconds
     )
     sessions = ActiveSessions()
-    metrics = Metrics()
     access_log = AccessLog(include_query=config.access_log.include_query)
     sinks = [metrics.observe, access_log.sink] if config.access_log.enabled else [metrics.observe]
     handler = EdgeHandler(
@@ -239,8 +241,12 @@ def _start_tasks(
     access_log: AccessLog,
 ) -> None:
     """The background work of a started gateway; each task is cancelled at shutdown."""
+    lag = metrics.histogram(
+        "gateway_invalidation_lag_seconds", "From Redis publishing an invalidation to applying it"
+    )
     _spawn(running, InvalidationWatcher(
-        client, cache, heartbeat_interval_seconds=running.config.cache.heartbeat_interval_seconds
+        client, cache, heartbeat_interval_seconds=running.config.cache.heartbeat_interval_seconds,
+        observe_lag=lag,
     ).run())  # fmt: skip
     _spawn(running, _keep_settings(client, settings))
     if running.config.access_log.enabled:
@@ -250,9 +256,21 @@ def _start_tasks(
     cache.listeners.append(_enforcer(running, cache, running.handler.sessions))
 
 
-def _route_cache(config: Config, client: store.Client) -> RouteCache:
+def _route_cache(config: Config, client: store.Client, metrics: Metrics) -> RouteCache:
+    reader = store.RouteReader(client, timeout_seconds=config.redis.lookup_timeout_seconds)
+    observe = metrics.histogram(
+        "gateway_redis_lookup_seconds", "Route reads from Redis on cache misses (failed too)"
+    )
+
+    async def timed_get(label: str) -> Sandbox | None:
+        started = time.monotonic()
+        try:
+            return await reader.get(label)
+        finally:
+            observe(time.monotonic() - started)
+
     return RouteCache(
-        store.RouteReader(client, timeout_seconds=config.redis.lookup_timeout_seconds).get,
+        timed_get,
         max_entries=config.cache.max_entries,
         positive_ttl_seconds=config.cache.positive_ttl_seconds,
         negative_ttl_seconds=config.cache.negative_ttl_seconds,
@@ -260,8 +278,11 @@ def _route_cache(config: Config, client: store.Client) -> RouteCache:
     )
 
 
-def _upstream_pool(config: Config) -> UpstreamPool:
+def _upstream_pool(config: Config, metrics: Metrics) -> UpstreamPool:
     up = config.upstream
+    observe_connect = metrics.histogram(
+        "gateway_upstream_connect_seconds", "New TCP connects to sandboxes"
+    )
     return UpstreamPool(
         UpstreamTimeouts(
             connect_seconds=up.connect_timeout_seconds,
@@ -269,7 +290,8 @@ def _upstream_pool(config: Config) -> UpstreamPool:
             response_seconds=up.response_timeout_seconds,
             read_idle_seconds=up.read_idle_timeout_seconds,
             pool_idle_seconds=up.pool_idle_seconds,
-        )
+        ),
+        observe_connect=observe_connect,
     )
 
 
@@ -322,6 +344,11 @@ def _register_gauges(
     metrics.gauge("gateway_route_cache_entries", "Cached labels", lambda: len(cache))
     metrics.gauge("gateway_connections", "Open client connections", lambda: listener.active)
     metrics.gauge("gateway_sessions", "Open streams and WebSockets", sessions.count)
+    metrics.gauge("gateway_websockets", "Open WebSockets", sessions.count_websockets)
+    metrics.gauge(
+        "gateway_streams", "Open HTTP exchanges",
+        lambda: sessions.count() - sessions.count_websockets(),
+    )  # fmt: skip
     metrics.gauge(
         "gateway_route_subscription_up", "1 while invalidations are received",
         lambda: 1.0 if cache.subscribed else 0.0,

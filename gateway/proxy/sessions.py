@@ -62,6 +62,9 @@ class ActiveSessions:
     def count(self) -> int:
         return sum(len(s) for s in self._by_label.values())
 
+    def count_websockets(self) -> int:
+        return sum(1 for s in self._by_label.values() for x in s if x.restart is not None)
+
     async def enforce(self, label: str, record: model.Sandbox | None) -> int:
         """Stop the sessions of ``label`` that ``record`` no longer routes; return how many.
 

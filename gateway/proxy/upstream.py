@@ -23,7 +23,7 @@ import collections
 import contextlib
 import time
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import httptools
@@ -354,8 +354,12 @@ def _fail_later(future: asyncio.Future[None], seconds: float, message: str) -> a
 class UpstreamPool:
     """Connections to sandboxes, pooled per (incarnation, port)."""
 
-    def __init__(self, timeouts: UpstreamTimeouts) -> None:
+    def __init__(
+        self, timeouts: UpstreamTimeouts, *, observe_connect: Callable[[float], None] | None = None
+    ) -> None:
         self._timeouts = timeouts
+        # Called with the seconds each new TCP connect to a sandbox took.
+        self._observe_connect = observe_connect
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -489,10 +493,13 @@ class UpstreamPool:
         deadline = time.monotonic() + self._timeouts.connect_retry_window_seconds
         while True:
             try:
+                started = time.monotonic()
                 async with asyncio.timeout(self._timeouts.connect_seconds):
                     _, connection = await loop.create_connection(
                         _Connection, target.address, target.port
                     )
+                if self._observe_connect is not None:
+                    self._observe_connect(time.monotonic() - started)
                 return connection
             except TimeoutError:
                 raise errors.UpstreamTimeout(

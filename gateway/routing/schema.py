@@ -221,10 +221,20 @@ def parse_invalidation(data: bytes | str) -> tuple[str, int] | None:
         return None  # not ours: the channel is open to anyone who can PUBLISH
     if text.startswith(HEARTBEAT_PREFIX):
         return None
-    label, sep, gen = text.partition(" ")
+    label, sep, rest = text.partition(" ")
+    gen = rest.partition(" ")[0]
     if not label or not sep or not gen.isascii() or not gen.isdigit():
         return None
     return label, int(gen)
+
+
+def invalidation_time_ms(data: bytes | str) -> int | None:
+    """When Redis published an invalidation (``label gen millis``), in Unix milliseconds;
+    None for messages without the optional third field."""
+    parts = data.split()
+    if len(parts) != 3 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
 
 
 def event_fields(

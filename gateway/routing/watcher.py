@@ -58,8 +58,12 @@ class InvalidationWatcher:
         *,
         heartbeat_interval_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        observe_lag: Callable[[float], None] | None = None,
     ) -> None:
         self._client = client
+        # Called with seconds from Redis publishing an invalidation to it being applied
+        # here (wall clocks of two hosts: as good as their synchronisation).
+        self._observe_lag = observe_lag
         self._cache = cache
         self._interval = heartbeat_interval_seconds
         self._clock = clock
@@ -170,6 +174,9 @@ class InvalidationWatcher:
             parsed = schema.parse_invalidation(data)
             if parsed is not None:
                 self._cache.invalidate(*parsed)
+                published = schema.invalidation_time_ms(data)
+                if published is not None and self._observe_lag is not None:
+                    self._observe_lag(max(0.0, time.time() - published / 1000))
         return confirmed
 
     async def _publish_heartbeats(self) -> None:

@@ -117,14 +117,14 @@ async def test_invalidation_reaches_a_subscriber_on_another_node(
         await pubsub.subscribe(schema.INVALIDATION_CHANNEL)
         await pubsub.get_message(timeout=1.0)
         record = await RouteWriter(client).create(label, address="127.0.0.2")
-        expected = f"{label} {record.gen}"
-        seen: list[str] = []
+        expected = (label, record.gen)
+        seen: list[tuple[str, int] | None] = []
         # Other tests' late messages (and heartbeats) may come first: skip them, bounded.
         for _ in range(50):
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=2.0)
             if message is None:
                 break
-            seen.append(str(message["data"]))
+            seen.append(schema.parse_invalidation(message["data"]))
             if seen[-1] == expected:
                 break
     finally:

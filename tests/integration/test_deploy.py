@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shutil
 import socket
@@ -30,6 +29,15 @@ import yaml
 
 from gateway.config import Config, load_config
 from tests.support.gateway import GatewayHandle, running_gateway
+from tests.support.haproxy import (
+    DEPLOY_CONFIG,
+    SERVER_NAMES,
+    Backend,
+    haproxy_binary,
+    haproxy_command_env,
+    haproxy_env,
+    local_config,
+)
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -321,7 +329,7 @@ def haproxy_variables(*, required_only: bool = False) -> list[str]:
     ``"${NAME-default}"`` has a default; ``required_only`` leaves those (and ``env()``,
     which is empty when unset) out.
     """
-    text = (DEPLOY / "haproxy.cfg").read_text()
+    text = DEPLOY_CONFIG.read_text()
     code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
     required = set(re.findall(r"\$\{(\w+)\}", code))
     if required_only:
@@ -330,23 +338,9 @@ def haproxy_variables(*, required_only: bool = False) -> list[str]:
     return sorted(required | optional)
 
 
-def haproxy_env(
-    gateways: list[tuple[str, int, int]], *, bind: str, stats: str, proxy_v2: bool = False
-) -> dict[str, str]:
-    """The variables of deploy/haproxy.cfg for two gateways ``(host, public, admin port)``."""
-    env = {"HAPROXY_BIND": bind, "HAPROXY_STATS_BIND": stats}
-    env["GATEWAY_PROXY_PROTOCOL"] = "true" if proxy_v2 else "false"
-    for index, (host, public, admin) in enumerate(gateways, start=1):
-        env[f"GATEWAY_{index}"] = f"{host}:{public}"
-        env[f"GATEWAY_{index}_ADMIN_PORT"] = str(admin)
-    return env
-
-
-def haproxy_binary() -> str:
+def haproxy() -> str:
     """The haproxy executable (Debian's package; scripts/test installs it)."""
-    binary = shutil.which("haproxy") or next(
-        (p for p in ("/usr/sbin/haproxy",) if os.access(p, os.X_OK)), None
-    )
+    binary = haproxy_binary()
     if binary is None:
         pytest.fail("haproxy not found: apt-get install haproxy")
     return binary
@@ -355,15 +349,17 @@ def haproxy_binary() -> str:
 def haproxy_check(env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
     """``haproxy -c -f deploy/haproxy.cfg`` with only ``env`` as its environment."""
     return subprocess.run(
-        [haproxy_binary(), "-c", "-f", str(DEPLOY / "haproxy.cfg")],
-        capture_output=True, text=True, timeout=30, check=False,
-        env={"PATH": os.environ.get("PATH", ""), **env},
+        [haproxy(), "-c", "-f", str(DEPLOY_CONFIG)],
+        capture_output=True, text=True, timeout=30, check=False, env=haproxy_command_env(env),
     )  # fmt: skip
 
 
 def test_haproxy_config_passes_haproxy_check() -> None:
     """``haproxy -c`` accepts the shipped file rendered with test addresses."""
-    gateways = [("127.0.0.1", 18080, 18081), ("127.0.0.1", 18090, 18091)]
+    gateways = [
+        Backend("gateway-1", "127.0.0.1", 18080, 18081),
+        Backend("gateway-2", "127.0.0.1", 18090, 18091),
+    ]
     env = haproxy_env(gateways, bind="127.0.0.1:18000", stats="127.0.0.1:18404")
     assert set(haproxy_variables(required_only=True)) <= set(env) <= set(haproxy_variables())
     ran = haproxy_check(env)
@@ -372,7 +368,7 @@ def test_haproxy_config_passes_haproxy_check() -> None:
 
 def test_haproxy_config_documents_every_variable() -> None:
     """Each variable the config reads is described in its header comment."""
-    header = (DEPLOY / "haproxy.cfg").read_text().split("\nglobal", 1)[0]
+    header = DEPLOY_CONFIG.read_text().split("\nglobal", 1)[0]
     for name in haproxy_variables():
         assert name in header, name
 
@@ -380,14 +376,13 @@ def test_haproxy_config_documents_every_variable() -> None:
 def test_haproxy_config_takes_an_overlay_file(tmp_path: Path) -> None:
     """A second ``-f`` file with its own ``global`` (a stats socket) is accepted as is."""
     overlay = tmp_path / "local.cfg"
-    overlay.write_text(f"global\n    stats socket {tmp_path / 'admin.sock'} mode 600 level admin\n")
+    overlay.write_text(local_config(tmp_path / "admin.sock"))
     env = {"GATEWAY_1": "127.0.0.1:1", "GATEWAY_2": "127.0.0.1:2"}
     env |= {"GATEWAY_1_ADMIN_PORT": "3", "GATEWAY_2_ADMIN_PORT": "4"}
     env |= {"GATEWAY_CHECK_INTERVAL": "200ms", "GATEWAY_CHECK_RISE": "1"}
     ran = subprocess.run(
-        [haproxy_binary(), "-c", "-f", str(DEPLOY / "haproxy.cfg"), "-f", str(overlay)],
-        capture_output=True, text=True, timeout=30, check=False,
-        env={"PATH": os.environ.get("PATH", ""), **env},
+        [haproxy(), "-c", "-f", str(DEPLOY_CONFIG), "-f", str(overlay)],
+        capture_output=True, text=True, timeout=30, check=False, env=haproxy_command_env(env),
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout + ran.stderr
 
@@ -399,7 +394,7 @@ def test_haproxy_check_is_live() -> None:
 
 def test_haproxy_config_has_checks_retries_and_proxy_protocol() -> None:
     """Health checks on /readyz, retries with redispatch, and a PROXY v2 backend."""
-    text = (DEPLOY / "haproxy.cfg").read_text()
+    text = DEPLOY_CONFIG.read_text()
     code = [line.split("#", 1)[0].strip() for line in text.splitlines()]
     assert code.count("option httpchk GET /readyz") == 2
     assert any(re.fullmatch(r"retries [1-9]", line) for line in code)
@@ -422,9 +417,8 @@ def haproxy_process(env: Mapping[str, str], log: Path) -> Iterator[subprocess.Po
     """HAProxy in the foreground on the shipped file, its output in ``log``; stopped by pid."""
     with log.open("wb") as sink:
         process = subprocess.Popen(
-            [haproxy_binary(), "-db", "-f", str(DEPLOY / "haproxy.cfg")],
-            stdout=sink, stderr=subprocess.STDOUT,
-            env={"PATH": os.environ.get("PATH", ""), **env},
+            [haproxy(), "-db", "-f", str(DEPLOY_CONFIG)],
+            stdout=sink, stderr=subprocess.STDOUT, env=haproxy_command_env(env),
         )  # fmt: skip
     try:
         yield process
@@ -473,9 +467,12 @@ async def two_gateways(
         yield [one, two]
 
 
-def addresses(gateways: list[GatewayHandle]) -> list[tuple[str, int, int]]:
-    """``(host, public port, admin port)`` of each gateway."""
-    return [("127.0.0.1", g.port, g.running.admin.port) for g in gateways]
+def addresses(gateways: list[GatewayHandle]) -> list[Backend]:
+    """The two gateways as deploy/haproxy.cfg's servers ``gateway-1`` and ``gateway-2``."""
+    return [
+        Backend(name, "127.0.0.1", g.port, g.running.admin.port)
+        for name, g in zip(SERVER_NAMES, gateways, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("proxy_v2", [False, True], ids=["http", "proxy-v2"])
@@ -496,7 +493,7 @@ async def test_haproxy_on_the_shipped_file_routes_to_both_gateways(
 
                 async def both_up() -> bool:
                     states = await server_states(http, stats, process, log)
-                    return [states.get((backend, f"gateway-{i}")) for i in (1, 2)] == ["UP", "UP"]
+                    return [states.get((backend, name)) for name in SERVER_NAMES] == ["UP", "UP"]
 
                 await wait_until(both_up, timeout=15, interval=0.1, what="both servers UP")
                 for _ in range(6):

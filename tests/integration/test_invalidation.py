@@ -136,6 +136,29 @@ async def test_a_write_is_enforced_by_another_replica_at_once(
         assert ms[-1] < PROPAGATION_BOUND_SECONDS * 1000
 
 
+async def test_lag_connect_and_lookup_latencies_are_measured(
+    redis: aioredis.Redis, redis_url: str, upstream: Upstream
+) -> None:
+    """A write, a miss and a first connect show up in the invalidation-lag, Redis-lookup
+    and upstream-connect histograms of /metrics, with sane values."""
+    async with running_gateway(redis_url) as gateway, route_writer(redis_url) as writer:
+        await _subscribed(gateway)
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, upstream.port)
+        assert await _answer(gateway, gateway.host(upstream.port, LABEL)) == "ok"
+
+        async def lag_seen() -> bool:
+            return (await _metrics(gateway)).get("gateway_invalidation_lag_seconds_count", 0) >= 2
+
+        await wait_until(lag_seen, what="invalidation lag observed")
+        values = await _metrics(gateway)
+    # Same machine, same clock: the lag is small, but never negative.
+    assert 0 <= values["gateway_invalidation_lag_seconds_sum"] < 5
+    assert values["gateway_redis_lookup_seconds_count"] >= 1
+    assert values["gateway_upstream_connect_seconds_count"] >= 1
+    assert values["gateway_websockets"] == 0
+
+
 # ---------------------------------------------------------------------------------------
 # Lost messages: resubscribe flush, black hole, TTL backstop
 # ---------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """A rolling restart behind a real HAProxy under load: 0 failed requests (issue 6).
 
-Two ``gateway serve`` replicas share one Redis behind HAProxy, which health-checks
-``/readyz`` on each replica's admin port every 200 ms (down after one failure). A load
-generator sends keep-alive requests through HAProxy while each replica in turn gets
-SIGTERM, drains (its 1 s drain delay is longer than HAProxy needs to notice), exits 0 and
-is started again on the same ports; the next one is restarted only once HAProxy has the
-new one back up. Every non-2xx answer and every exception counts as a failure.
+Two ``gateway serve`` replicas share one Redis behind HAProxy running the shipped
+deploy/haproxy.cfg (rendered with test addresses, see tests/support/haproxy.py), which
+health-checks ``/readyz`` on each replica's admin port every 200 ms (down after one
+failure). A load generator sends keep-alive requests through HAProxy while each replica
+in turn gets SIGTERM, drains (its 1 s drain delay is longer than HAProxy needs to
+notice), exits 0 and is started again on the same ports; the next one is restarted only
+once HAProxy has the new one back up. Every non-2xx answer and every exception counts as
+a failure.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 
 from tests.integration.test_ops_drain import Replica, route_sandbox, start_replica
-from tests.support.haproxy import Backend, HAProxy, haproxy_binary
+from tests.support.haproxy import SERVER_NAMES, Backend, HAProxy, haproxy_binary
 from tests.support.upstreams import Upstream, echo_app, start_upstream
 from tests.support.waiting import wait_until
 
@@ -143,7 +145,7 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(
     redis: aioredis.Redis, redis_url: str, upstream: Upstream
 ) -> None:
     """Each replica SIGTERMed and restarted in turn under load: 0 failed requests."""
-    slots = [Slot("g1", free_port(), free_port()), Slot("g2", free_port(), free_port())]
+    slots = [Slot(name, free_port(), free_port()) for name in SERVER_NAMES]
     proxy: HAProxy | None = None
     try:
         for slot in slots:

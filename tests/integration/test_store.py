@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -732,7 +733,8 @@ async def test_follow_outlives_the_socket_timeout(writer: RouteWriter, redis_url
 async def test_every_write_publishes_label_and_gen(
     writer: RouteWriter, redis: aioredis.Redis
 ) -> None:
-    """Each write publishes "label gen" on gw:invalidate, with the gen it wrote."""
+    """Each write publishes "label gen millis" on gw:invalidate: the gen it wrote and
+    Redis's clock, which is close to ours (same machine)."""
     pubsub = redis.pubsub()
     await pubsub.subscribe(schema.INVALIDATION_CHANNEL)
     try:
@@ -748,7 +750,11 @@ async def test_every_write_publishes_label_and_gen(
             seen.append(message["data"])
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
-    assert seen == [f"abc123 {gen}" for gen in written] == ["abc123 1", "abc123 2", "abc123 3"]
+    parsed = [schema.parse_invalidation(data) for data in seen]
+    assert parsed == [("abc123", gen) for gen in written] == [("abc123", g) for g in (1, 2, 3)]
+    for data in seen:
+        published = schema.invalidation_time_ms(data)
+        assert published is not None and abs(published / 1000 - time.time()) < 5
 
 
 async def _call_script(client: aioredis.Redis, gen: str, ttl: str, *fields: str) -> Any:
@@ -791,7 +797,9 @@ async def test_script_writes_bumps_publishes_and_expires(redis: aioredis.Redis) 
         ]
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
-    assert messages == ["abc123 1", "abc123 2", "abc123 3"]
+    texts = [str(m) for m in messages]
+    assert [schema.parse_invalidation(m) for m in texts] == [("abc123", g) for g in (1, 2, 3)]
+    assert all(schema.invalidation_time_ms(m) is not None for m in texts)
 
 
 async def test_settings_read_back(writer: RouteWriter, redis: aioredis.Redis) -> None:

@@ -255,6 +255,19 @@ def test_invalidation_message_round_trip() -> None:
     assert schema.parse_invalidation(message.encode()) == ("abc123", 42)
 
 
+@pytest.mark.parametrize("data", ["abc123 42 1796236025284", b"abc123 42 1796236025284"])
+def test_invalidation_with_the_publish_time(data: str | bytes) -> None:
+    """The write script's "label gen millis" parses to (label, gen) and its Redis time."""
+    assert schema.parse_invalidation(data) == ("abc123", 42)
+    assert schema.invalidation_time_ms(data) == 1796236025284
+
+
+def test_invalidation_without_a_time_has_none() -> None:
+    """A writer that publishes "label gen" alone is still understood; no time to measure."""
+    assert schema.invalidation_time_ms("abc123 42") is None
+    assert schema.invalidation_time_ms("abc123 42 soon") is None
+
+
 @pytest.mark.parametrize(
     "data",
     ["hb:replica1:7", "hb:x 5", "abc123", "abc123 ", "abc123 x", " 5", b"\xff\xfe 1", "a \u0663"],

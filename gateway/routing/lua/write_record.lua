@@ -30,5 +30,9 @@ if #ARGV > 4 then
     redis.call('EXPIRE', KEYS[1], ttl)
   end
 end
-redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. gen)
+-- The message carries Redis's clock in milliseconds, so subscribers can measure how long
+-- the invalidation took to reach them (readers must also accept "label gen" alone).
+local now = redis.call('TIME')
+local millis = now[1] .. string.format('%03d', math.floor(tonumber(now[2]) / 1000))
+redis.call('PUBLISH', ARGV[3], ARGV[4] .. ' ' .. gen .. ' ' .. millis)
 return {1, gen}
