@@ -15,31 +15,21 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import pytest_asyncio
 import redis.asyncio as aioredis
 from yarl import URL
 
 from tests.support.gateway import GatewayHandle, route_writer, running_gateway
 from tests.support.rawhttp import exchange, request_bytes
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 SANDBOX, LABEL = "invala01", "invala"
 PROPAGATION_BOUND_SECONDS = 1.0
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def _answer(gateway: GatewayHandle, host: str) -> str:

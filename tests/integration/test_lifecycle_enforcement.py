@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from aiohttp import WSMsgType
 
 from gateway.routing.store import RouteWriter
-from tests.support.gateway import GatewayHandle, route_writer, running_gateway
+from tests.support.gateway import GatewayHandle
 from tests.support.rawhttp import RawConnection, exchange, request_bytes
 from tests.support.upstreams import (
     OPEN_STREAMS,
@@ -36,18 +35,6 @@ from tests.support.waiting import wait_until
 TEARDOWN_BOUND_SECONDS = 2.0
 A, A_LABEL = "lifeaa01", "lifeaa"
 B, B_LABEL = "lifebb01", "lifebb"
-
-
-@pytest_asyncio.fixture
-async def gateway(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[GatewayHandle]:
-    async with running_gateway(redis_url) as handle:
-        yield handle
-
-
-@pytest_asyncio.fixture
-async def writer(gateway: GatewayHandle, redis_url: str) -> AsyncIterator[RouteWriter]:
-    async with route_writer(redis_url) as w:
-        yield w
 
 
 @pytest_asyncio.fixture

@@ -24,7 +24,7 @@ from gateway.accesslog import AccessLog
 from tests.integration.test_ops_drain import route_sandbox
 from tests.support.gateway import GatewayHandle, running_gateway
 from tests.support.rawhttp import RawConnection, RawResponse, exchange, request_bytes
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 
 SANDBOX = "opscid01"
 PROXY_ON: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"], "server": {"proxy_protocol": True}}
@@ -69,15 +69,6 @@ class Gateway:
 async def gateway_with(redis_url: str, overrides: Mapping[str, Any]) -> AsyncIterator[Gateway]:
     async with running_gateway(redis_url, overrides) as handle:
         yield Gateway(handle)
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture

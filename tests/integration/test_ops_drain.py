@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,7 +27,7 @@ from gateway.config import parse_endpoint
 from tests.integration.test_cli import cli_env
 from tests.support.gateway import ServeProcess, route_writer
 from tests.support.rawhttp import RawConnection, exchange, request_bytes
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 DOMAIN = "box.test"
@@ -180,15 +179,6 @@ def drain_env(
 # ---------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 # ---------------------------------------------------------------------------------------

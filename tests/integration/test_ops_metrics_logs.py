@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 import re
 import socket
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from gateway import errors
@@ -30,7 +28,7 @@ from tests.integration.test_ops_drain import (
 )
 from tests.support.gateway import route_writer
 from tests.support.rawhttp import exchange, request_bytes
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 SANDBOX = "opsmet01"
@@ -57,15 +55,6 @@ class Expected:
     kind: str = "http"
     bytes_in: int = 0
     proxied: bool = False
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def _stdout_after_stop(gateway: Replica) -> list[dict[str, Any]]:

@@ -16,17 +16,15 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 
 from tests.integration.test_ops_drain import Replica, route_sandbox, start_replica
 from tests.support.haproxy import SERVER_NAMES, Backend, HAProxy, haproxy_binary
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -130,15 +128,6 @@ async def generate_load(url: str, host: str, stop: asyncio.Event, load: Load) ->
                     load.exceptions[name] = load.exceptions.get(name, 0) + 1
 
         await asyncio.gather(*(client(i) for i in range(CONCURRENCY)))
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def test_rolling_restart_behind_haproxy_loses_nothing(

@@ -28,7 +28,7 @@ from tests.integration.test_ops_drain import (
 )
 from tests.support.gateway import running_gateway
 from tests.support.rawhttp import RawConnection, exchange, request_bytes
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 SANDBOX = "opsslw01"
@@ -48,15 +48,6 @@ def _enough_file_descriptors() -> None:
         if hard != resource.RLIM_INFINITY and hard < wanted:
             pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {wanted}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture

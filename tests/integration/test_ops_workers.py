@@ -30,7 +30,7 @@ from tests.integration.test_ops_drain import (
     status_of,
 )
 from tests.support.rawhttp import exchange, request_bytes
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 SANDBOX = "opswrk01"
@@ -80,15 +80,6 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture

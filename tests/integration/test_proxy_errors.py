@@ -42,21 +42,6 @@ async def gateway(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[Gatewa
 
 
 @pytest_asyncio.fixture
-async def writer(gateway: GatewayHandle, redis_url: str) -> AsyncIterator[RouteWriter]:
-    async with route_writer(redis_url) as w:
-        yield w
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest_asyncio.fixture
 async def other_tenant(
     writer: RouteWriter, gateway: GatewayHandle
 ) -> AsyncIterator[Callable[[], Awaitable[None]]]:

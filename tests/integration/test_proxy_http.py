@@ -32,27 +32,6 @@ LABEL = "httpaa"
 
 
 @pytest_asyncio.fixture
-async def gateway(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[GatewayHandle]:
-    async with running_gateway(redis_url) as handle:
-        yield handle
-
-
-@pytest_asyncio.fixture
-async def writer(gateway: GatewayHandle, redis_url: str) -> AsyncIterator[RouteWriter]:
-    async with route_writer(redis_url) as w:
-        yield w
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest_asyncio.fixture
 async def host(writer: RouteWriter, upstream: Upstream, gateway: GatewayHandle) -> str:
     """The public Host of the echo upstream, exposed on sandbox SANDBOX."""
     await writer.create(SANDBOX, address="127.0.0.2")

@@ -13,17 +13,15 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest_asyncio
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.routing.store import RouteWriter
-from tests.support.gateway import GatewayHandle, route_writer, running_gateway
+from tests.support.gateway import GatewayHandle
 from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.upstreams import (
     OPEN_STREAMS,
     Upstream,
     deterministic_chunks,
-    echo_app,
     expected_sha256,
     start_upstream,
 )
@@ -33,27 +31,6 @@ SANDBOX = "streamaa01"
 LABEL = "stream"
 MIB = 1024 * 1024
 RSS_GROWTH_LIMIT = 64 * MIB
-
-
-@pytest_asyncio.fixture
-async def gateway(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[GatewayHandle]:
-    async with running_gateway(redis_url) as handle:
-        yield handle
-
-
-@pytest_asyncio.fixture
-async def writer(gateway: GatewayHandle, redis_url: str) -> AsyncIterator[RouteWriter]:
-    async with route_writer(redis_url) as w:
-        yield w
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture

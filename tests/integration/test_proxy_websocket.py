@@ -31,7 +31,6 @@ from tests.support.rawhttp import RawConnection, request_bytes
 from tests.support.upstreams import (
     OPEN_WEBSOCKETS,
     Upstream,
-    echo_app,
     start_upstream,
 )
 from tests.support.waiting import wait_until
@@ -39,27 +38,6 @@ from tests.support.waiting import wait_until
 SANDBOX = "wssbox01"
 LABEL = "wssbox"
 LIMIT = 65536
-
-
-@pytest_asyncio.fixture
-async def gateway(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[GatewayHandle]:
-    async with running_gateway(redis_url) as handle:
-        yield handle
-
-
-@pytest_asyncio.fixture
-async def writer(gateway: GatewayHandle, redis_url: str) -> AsyncIterator[RouteWriter]:
-    async with route_writer(redis_url) as w:
-        yield w
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture

@@ -19,7 +19,7 @@ from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, route_writer, running_gateway
 from tests.support.rawhttp import RawResponse, exchange, request_bytes
 from tests.support.redis_proc import RedisProcess
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 SANDBOX, LABEL = "outage01", "outage"
@@ -35,15 +35,6 @@ async def private_redis() -> AsyncIterator[RedisProcess]:
     finally:
         if server.running:
             server.resume()  # a frozen server acts on SIGTERM only once thawed
-        await server.stop()
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("a"))
-    try:
-        yield server
-    finally:
         await server.stop()
 
 
