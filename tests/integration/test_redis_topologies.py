@@ -206,6 +206,40 @@ async def test_writes_on_any_node_reach_every_replica(
 
 
 @pytest.mark.cluster
+async def test_cli_and_admin_api_write_through_a_cluster_url(
+    cluster: RedisCluster, writer: RouteWriter, upstreams: list[Upstream]
+) -> None:
+    """The CLI with --redis-url redis+cluster:// and the admin API of a gateway on the
+    cluster both write the table, and the gateway enforces what they wrote."""
+    client = writer._client
+    assert isinstance(client, ClusterClient)
+    await client.initialize()
+    by_cli, by_api = spread_ids(client, 2)
+    url = cluster_url(cluster)
+    upstream = upstreams[0]
+    async with running_gateway(url) as gateway, aiohttp.ClientSession() as http:
+        await subscribed(http, gateway)
+        ran = await run_cli("sandbox", "create", by_cli, "--address", upstream.host,
+                            "--redis-url", url)  # fmt: skip
+        assert ran.returncode == 0, ran.stderr
+        ran = await run_cli("ports", "expose", by_cli, str(upstream.port), "--redis-url", url)
+        assert ran.returncode == 0, ran.stderr
+        label = by_cli[:6]
+        assert (await answer(http, gateway, gateway.host(upstream.port, label))).startswith("{")
+        admin = gateway.admin_url + "/v1/sandboxes"
+        async with http.post(admin, json={"id": by_api, "address": upstream.host}) as response:
+            assert response.status == 201
+        async with http.post(f"{admin}/{by_api}/ports", json={"port": upstream.port}) as response:
+            assert response.status == 201
+        assert (await answer(http, gateway, gateway.host(upstream.port, by_api[:6]))).startswith(
+            "{"
+        )
+        ran = await run_cli("ports", "close", by_cli, str(upstream.port), "--redis-url", url)
+        assert ran.returncode == 0, ran.stderr
+        await until_answer(http, gateway, gateway.host(upstream.port, label), "port_not_exposed")
+
+
+@pytest.mark.cluster
 async def test_killed_subscription_is_remade_and_still_hears_writes(
     cluster: RedisCluster, writer: RouteWriter, upstreams: list[Upstream]
 ) -> None:
