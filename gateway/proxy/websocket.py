@@ -41,6 +41,7 @@ _BODY_HEADERS = frozenset(
     {"content-length", "content-type", "content-encoding", "transfer-encoding"}
 )
 _ENDED = frozenset({WSMsgType.CLOSING, WSMsgType.CLOSED})
+_DATA = frozenset({WSMsgType.TEXT, WSMsgType.BINARY})
 _SEND_ERRORS = (ConnectionError, RuntimeError, aiohttp.ClientError)
 SandboxSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
 _HANDSHAKE_HEADERS = frozenset(
@@ -252,15 +253,12 @@ async def _client_to_sandbox(session: WebSocketSession, record: RequestRecord) -
         kind = message.type
         if session.closing and kind in _ENDED:
             return  # the other pump, or the outside, is closing both sides
+        if kind in _DATA:
+            record.bytes_in += len(message.data)
         try:
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                record.bytes_in += len(message.data)
-                await sandbox.send_frame(_as_bytes(message.data), kind)
-            elif kind is WSMsgType.PING:
-                await sandbox.ping(message.data)
-            elif kind is WSMsgType.PONG:
-                await sandbox.pong(message.data)
-            elif kind is WSMsgType.CLOSE:
+            if await _pass_on(message, sandbox):
+                continue
+            if kind is WSMsgType.CLOSE:
                 code, reason = wire_code(message.data), _reason(message.extra)
                 await session.end(_forward_client_close(session, code, reason))
                 return
@@ -282,15 +280,12 @@ async def _sandbox_to_client(session: WebSocketSession, record: RequestRecord) -
         kind = message.type
         if session.closing and kind in _ENDED:
             return
+        if kind in _DATA:
+            record.bytes_out += len(message.data)
         try:
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                record.bytes_out += len(message.data)
-                await client.send_frame(_as_bytes(message.data), kind)
-            elif kind is WSMsgType.PING:
-                await client.ping(message.data)
-            elif kind is WSMsgType.PONG:
-                await client.pong(message.data)
-            elif kind is WSMsgType.CLOSE:
+            if await _pass_on(message, client):
+                continue
+            if kind is WSMsgType.CLOSE:
                 code, reason = wire_code(message.data), _reason(message.extra)
                 await session.end(_forward_sandbox_close(session, code, reason))
                 return
@@ -303,6 +298,23 @@ async def _sandbox_to_client(session: WebSocketSession, record: RequestRecord) -
         except _SEND_ERRORS:
             await session.end(_close_both(session, 1011, b"client connection lost"))
             return
+
+
+async def _pass_on(
+    message: WSMessageNoDecodeText, target: web.WebSocketResponse | SandboxSocket
+) -> bool:
+    """Send a data, ping or pong message on to ``target`` as it came; False for the rest
+    (closes and errors, which each direction handles in its own way)."""
+    kind = message.type
+    if kind in _DATA:
+        await target.send_frame(_as_bytes(message.data), kind)
+    elif kind is WSMsgType.PING:
+        await target.ping(message.data)
+    elif kind is WSMsgType.PONG:
+        await target.pong(message.data)
+    else:
+        return False
+    return True
 
 
 # Closing sequences (each runs in the session's closer task; none raises) --------------
