@@ -373,6 +373,20 @@ def is_valid_request_id(value: str) -> bool:
     return _REQUEST_ID_RE.fullmatch(value) is not None
 
 
+def request_id_for(
+    headers: HeaderPairs, peer_ip: str, *, trusted_networks: Sequence[Network]
+) -> str:
+    """The id of a request: a trusted proxy's well-formed X-Request-Id is kept (one id end
+    to end); any other client's is ignored, and a fresh one minted."""
+    if trusted_networks:
+        incoming = next((v for n, v in headers if n.lower() == "x-request-id"), None)
+        if incoming is not None and is_valid_request_id(incoming):
+            peer = _parse_ip(peer_ip)
+            if peer is not None and _is_trusted(peer[0], trusted_networks):
+                return incoming
+    return new_request_id()
+
+
 def wants_html(headers: HeaderPairs) -> bool:
     """Whether an error should be an HTML page rather than JSON.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ import aiohttp
 from aiohttp import web
 
 from gateway import errors, headers, hostnames
+from gateway.headers import HeaderPairs
 from gateway.listener import Listener
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
-from gateway.proxy.http import RequestPlan, abort_downstream, forward_http
+from gateway.proxy.http import Answer, RequestPlan, abort_downstream, forward_http
 from gateway.proxy.sessions import ActiveSessions
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routing import model, rules
@@ -71,17 +73,18 @@ class EdgeHandler:
         self._allowed_addresses: dict[tuple[str, int], bool] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        record = RequestRecord(
-            request_id=self._request_id(request), method=request.method, path=request.raw_path
+        request_headers = _text_headers(request.raw_headers)
+        record = self.new_record(
+            request.method, request.raw_path, request_headers, _peer_ip(request)
         )
         if self.listener is not None:
             self.listener.request_started(request.transport)
         if self.draining:
             _close_after(request)
         try:
-            response = await self._route(request, record)
+            response = await self._route(request, request_headers, record)
         except errors.EdgeError as exc:
-            response = self._answer_error(request, exc, record)
+            response = _page_response(self.error_page(exc, record, request_headers), request)
         except asyncio.CancelledError:
             if not record.closed:
                 record.outcome = "client_gone"
@@ -97,31 +100,45 @@ class EdgeHandler:
             response.force_close()
         return response
 
+    @property
+    def pool(self) -> UpstreamPool:
+        return self._pool
+
     # Private methods ------------------------------------------------------------------
 
-    def _request_id(self, request: web.BaseRequest) -> str:
-        """A trusted proxy's well-formed X-Request-Id is kept (one id end to end); any
-        other client's is ignored, and a fresh one minted."""
-        trusted = self._settings.trusted_networks
-        if trusted:
-            incoming = request.headers.get(headers.REQUEST_ID)
-            if incoming is not None and headers.is_valid_request_id(incoming):
-                try:
-                    peer = ipaddress.ip_address(_peer_ip(request))
-                except ValueError:
-                    return headers.new_request_id()
-                if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-                    peer = peer.ipv4_mapped
-                if any(peer in network for network in trusted):
-                    return incoming
-        return headers.new_request_id()
+    def new_record(
+        self, method: str, raw_path: str, request_headers: HeaderPairs, peer_ip: str
+    ) -> RequestRecord:
+        """The accounting record of a request that just arrived (its id decided here)."""
+        request_id = headers.request_id_for(
+            request_headers, peer_ip, trusted_networks=self._settings.trusted_networks
+        )
+        return RequestRecord(request_id=request_id, method=method, path=raw_path)
 
-    async def _route(self, request: web.BaseRequest, record: RequestRecord) -> web.StreamResponse:
-        host = request.headers.get("Host")
+    async def plan(
+        self,
+        method: str,
+        raw_path: str,
+        request_headers: HeaderPairs,
+        peer_ip: str,
+        record: RequestRecord,
+    ) -> RequestPlan | Answer:
+        """Decide what to do with a request: where to send it, or what to answer itself.
+
+        Shared by both HTTP front ends (``gateway.proxy.front`` and aiohttp's), so they
+        cannot drift apart. Fills in ``record`` (host, client, label, port).
+
+        Returns:
+            a ``RequestPlan`` with ``upgrade`` set for a WebSocket, or an ``Answer`` (the
+            health path).
+
+        Raises:
+            errors.EdgeError: the request is refused; render it with ``error_page``.
+        """
+        host = _first(request_headers, "host")
         record.host = host or ""
-        request_headers = _text_headers(request.raw_headers)
         client = headers.resolve_client(
-            _peer_ip(request), request_headers, trusted_networks=self._settings.trusted_networks
+            peer_ip, request_headers, trusted_networks=self._settings.trusted_networks
         )
         record.client_ip = client.ip
         try:
@@ -131,12 +148,12 @@ class EdgeHandler:
             # sandbox domains (an IP literal, the balancer's name), or none at all (an
             # HTTP/1.0 probe), gets it.
             outside = isinstance(exc, errors.UnknownHost) or host is None
-            if outside and self._is_health_probe(request):
+            if outside and self._is_health_probe(method, raw_path):
                 return self._health(record)
             raise
         record.label, record.port = target.label, target.port
-        hostnames.check_absolute_target(request.raw_path, host)
-        upgrade = headers.upgrade_kind(request_headers, method=request.method)
+        hostnames.check_absolute_target(raw_path, host)
+        upgrade = headers.upgrade_kind(request_headers, method=method)
         if upgrade is not None and upgrade != "websocket":
             raise errors.UnsupportedUpgrade(
                 f"upgrade to {upgrade!r} is not supported; only WebSocket is",
@@ -147,18 +164,45 @@ class EdgeHandler:
             sandbox = await self._cache.lookup(target.label)
         upstream = model.resolve(sandbox, target.port, label=target.label)
         self._check_dial(upstream, target.label)
-        plan = RequestPlan(
+        return RequestPlan(
             target=upstream,
-            path=_origin_form(request.raw_path),
+            path=_origin_form(raw_path),
             upstream_headers=headers.upstream_request_headers(
                 request_headers, client=client, public_host=host or "",
                 request_id=record.request_id,
                 host_rewrite_port=target.port if upstream.host_rewrite else None,
             ),
+            websocket=upgrade == "websocket",
         )  # fmt: skip
-        if upgrade == "websocket":
-            return await self._websocket(request, plan, record)
-        return await self._http(request, plan, record)
+
+    def error_page(
+        self, error: errors.EdgeError, record: RequestRecord, request_headers: HeaderPairs
+    ) -> pages.Page:
+        """The answer to a refused request; ``record`` says so."""
+        # Errors raised below the handler don't know the target; the handler does. Each
+        # part separately: a host error may know the port but not the (invalid) label.
+        if error.label is None:
+            error.label = record.label
+        if error.port is None:
+            error.port = record.port
+        record.outcome = "gateway_error"
+        record.code = error.code
+        record.status = error.status
+        return pages.render(
+            error, request_id=record.request_id, html_wanted=headers.wants_html(request_headers)
+        )
+
+    async def _route(
+        self, request: web.BaseRequest, request_headers: HeaderPairs, record: RequestRecord
+    ) -> web.StreamResponse:
+        decided = await self.plan(
+            request.method, request.raw_path, request_headers, _peer_ip(request), record
+        )
+        if isinstance(decided, Answer):
+            return _answer_response(decided, request)
+        if decided.websocket:
+            return await self._websocket(request, decided, record)
+        return await self._http(request, decided, record)
 
     async def _http(
         self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
@@ -218,17 +262,20 @@ class EdgeHandler:
                 record.closed = client_side.close_code is not None
         return client_side
 
-    def _is_health_probe(self, request: web.BaseRequest) -> bool:
+    def _is_health_probe(self, method: str, raw_path: str) -> bool:
         path = self._settings.health_path
-        return path is not None and request.path == path and request.method in ("GET", "HEAD")
+        return path is not None and raw_path.partition("?")[0] == path and method in ("GET", "HEAD")
 
-    def _health(self, record: RequestRecord) -> web.Response:
+    def _health(self, record: RequestRecord) -> Answer:
         status = 503 if self.draining else 200
         record.status = status
-        body = {"status": "draining" if self.draining else "ok"}
-        response = web.json_response(body, status=status)
-        response.headers[headers.REQUEST_ID] = record.request_id
-        return response
+        body = json.dumps({"status": "draining" if self.draining else "ok"}).encode()
+        return Answer(
+            status,
+            [("Content-Type", "application/json; charset=utf-8"),
+             (headers.REQUEST_ID, record.request_id)],
+            body,
+        )  # fmt: skip
 
     def _check_dial(self, upstream: model.Upstream, label: str) -> None:
         """Defence in depth: the record may have been written by another control plane."""
@@ -252,36 +299,26 @@ class EdgeHandler:
                 label=label, port=upstream.port,
             )  # fmt: skip
 
-    def _answer_error(
-        self, request: web.BaseRequest, error: errors.EdgeError, record: RequestRecord
-    ) -> web.StreamResponse:
-        # Errors raised below the handler don't know the target; the handler does. Each
-        # part separately: a host error may know the port but not the (invalid) label.
-        if error.label is None:
-            error.label = record.label
-        if error.port is None:
-            error.port = record.port
-        record.outcome = "gateway_error"
-        record.code = error.code
-        record.status = error.status
-        page = pages.render(
-            error,
-            request_id=record.request_id,
-            html_wanted=headers.wants_html(_text_headers(request.raw_headers)),
-        )
-        response = web.Response(status=page.status, body=page.body)
-        for name, value in page.headers:
-            response.headers[name] = value
-        if request.method == "HEAD":
-            response.body = b""
-        return response
-
 
 def _text_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     # surrogateescape keeps any byte the client sent; the forwarder encodes it back.
     return [
         (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in raw
     ]
+
+
+def _first(request_headers: HeaderPairs, name: str) -> str | None:
+    """The first value of header ``name`` (lowercase), as aiohttp's ``headers.get``."""
+    return next((v for n, v in request_headers if n.lower() == name), None)
+
+
+def _answer_response(answer: Answer, request: web.BaseRequest) -> web.Response:
+    response = web.Response(status=answer.status, body=answer.body)
+    for name, value in answer.headers:
+        response.headers[name] = value
+    if request.method == "HEAD":
+        response.body = b""
+    return response
 
 
 def _close_after(request: web.BaseRequest) -> None:
@@ -294,6 +331,10 @@ def _close_after(request: web.BaseRequest) -> None:
     """
     request._message = request._message._replace(should_close=True)
     request._cache.pop("keep_alive", None)
+
+
+def _page_response(page: pages.Page, request: web.BaseRequest) -> web.Response:
+    return _answer_response(Answer(page.status, page.headers, page.body), request)
 
 
 def _peer_ip(request: web.BaseRequest) -> str:

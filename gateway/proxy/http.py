@@ -53,6 +53,16 @@ class RequestPlan:
     target: Upstream
     path: str
     upstream_headers: list[tuple[str, str]]
+    websocket: bool = False  # a WebSocket upgrade, to be relayed rather than forwarded
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A response the gateway gives itself (the health path), without a sandbox."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
 
 
 async def forward_http(
@@ -77,7 +87,7 @@ async def forward_http(
         outgoing.append(("Transfer-Encoding", "chunked"))
     if expect and has_body:
         outgoing.append(("Expect", "100-continue"))
-    head = _request_head(request.method, plan.path, outgoing)
+    head = request_head(request.method, plan.path, outgoing)
     body = _client_body(request, record, send_continue=expect) if has_body else None
     sent = time.monotonic()
     upstream = await pool.request(
@@ -138,7 +148,7 @@ async def _client_body(
         yield chunk
 
 
-def _request_head(method: str, path: str, header_list: list[tuple[str, str]]) -> bytes:
+def request_head(method: str, path: str, header_list: list[tuple[str, str]]) -> bytes:
     lines = [f"{method} {path} HTTP/1.1"]
     lines += [f"{name}: {value}" for name, value in header_list]
     # Header text came from aiohttp's parser (UTF-8 with surrogateescape), so encoding it
