@@ -29,6 +29,7 @@ from gateway.control import api
 from gateway.listener import Listener, ListenerPolicy
 from gateway.metrics import Metrics
 from gateway.proxy import websocket
+from gateway.proxy.front import Front
 from gateway.proxy.handler import EdgeHandler, EdgeSettings
 from gateway.proxy.sessions import ActiveSessions
 from gateway.proxy.upstream import UpstreamPool, UpstreamTimeouts
@@ -110,6 +111,7 @@ class Running:
     config: Config
     health: api.Health
     handler: EdgeHandler
+    front: Front
     public_server: asyncio.AbstractServer
     public_runner: web.ServerRunner
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -132,9 +134,12 @@ class Running:
         edge = self.public_runner.server
         if edge is not None and not hard_stop.is_set():
             # web.Server.shutdown closes idle keep-alive connections and waits for the
-            # in-flight handlers (ServerRunner.shutdown does nothing of the kind).
+            # in-flight handlers (ServerRunner.shutdown does nothing of the kind); the
+            # front does the same for the connections it serves itself.
+            grace = server_config.drain_grace_seconds
             edge.pre_shutdown()
-            shutdown = asyncio.ensure_future(edge.shutdown(server_config.drain_grace_seconds))
+            self.front.close_idle()
+            shutdown = asyncio.ensure_future(_shut_down(edge, self.front, grace))
             interrupted = asyncio.ensure_future(hard_stop.wait())
             await asyncio.wait(
                 [shutdown, interrupted],
@@ -145,6 +150,10 @@ class Running:
                 waiter.cancel()
             await asyncio.gather(shutdown, interrupted, return_exceptions=True)
         log.info("drained")
+
+
+async def _shut_down(edge: web.Server, front: Front, grace_seconds: float) -> None:
+    await asyncio.gather(edge.shutdown(grace_seconds), front.wait_idle(grace_seconds))
 
 
 async def _wait_or(event: asyncio.Event, seconds: float) -> None:
@@ -180,7 +189,11 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
         keepalive_timeout=config.server.keepalive_idle_seconds,
         access_log=None,
     )
-    listener = Listener(edge, _listener_policy(config))
+    front = Front(
+        handler, edge, keepalive_idle_seconds=config.server.keepalive_idle_seconds,
+        read_idle_seconds=config.upstream.read_idle_timeout_seconds,
+    )  # fmt: skip
+    listener = Listener(front, _listener_policy(config))
     handler.listener = listener
     public_runner = web.ServerRunner(
         edge, handle_signals=False, shutdown_timeout=config.server.drain_grace_seconds
@@ -206,8 +219,9 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
         settings = _table_settings(config, listen, admin)
         await store.write_settings(client, settings)
         running = Running(
-            listen, admin, redis_url, config, health, handler, public_server, public_runner
-        )
+            listen, admin, redis_url, config, health, handler, front, public_server,
+            public_runner,
+        )  # fmt: skip
         _start_tasks(
             running, client=client, cache=cache, settings=settings, metrics=metrics,
             access_log=access_log,

@@ -251,6 +251,20 @@ class UpstreamResponse:
             self._connection.resume_reading()
         return chunk
 
+    def take_buffered(self) -> bytes:
+        """Every body byte that has arrived and not been read yet (``b""`` if none).
+
+        Lets the forwarder send a small answer that is already complete in one write.
+        """
+        if not self._chunks:
+            return b""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        if self._connection is not None:
+            self._connection.resume_reading()
+        return data
+
     async def iter_body(self, *, idle_seconds: float) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk(idle_seconds=idle_seconds):
             yield chunk

@@ -1,0 +1,151 @@
+"""The public listener's own HTTP/1.1 front (gateway/proxy/front.py): what it serves
+itself, what it hands to aiohttp, and that a connection survives the hand-over."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from gateway.routing.store import RouteWriter
+from tests.support.gateway import GatewayHandle, running_gateway
+from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
+from tests.support.upstreams import Upstream
+
+SANDBOX = "frontaa01"
+LABEL = "fronta"
+
+
+def _echoed(response: RawResponse) -> dict[str, Any]:
+    assert response.status == 200, response.head
+    info: dict[str, Any] = json.loads(response.body)
+    return info
+
+
+async def test_pipelined_requests_are_answered_in_order_one_each(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """Three pipelined GETs in one write: three answers in order, each request sent once."""
+    wire = b"".join(request_bytes("GET", f"/p{i}", [("Host", host)]) for i in range(3))
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(wire)
+        paths = [_echoed(await conn.read_response())["path_qs"] for _ in range(3)]
+    assert paths == ["/p0", "/p1", "/p2"]
+    assert gateway.running.front.handed_over == 0
+
+
+async def test_a_body_hands_the_connection_to_aiohttp_mid_stream(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """GET, then POST with a body, then GET on one connection: all answered, body intact."""
+    body = b"x" * 100_000
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/first", [("Host", host)]))
+        assert _echoed(await conn.read_response())["path_qs"] == "/first"
+        post = request_bytes(
+            "POST", "/upload-echo", [("Host", host), ("Content-Length", str(len(body)))], body
+        )
+        await conn.send(post + request_bytes("GET", "/third", [("Host", host)]))
+        posted = _echoed(await conn.read_response())
+        third = _echoed(await conn.read_response())
+    assert posted["method"] == "POST" and posted["body_len"] == len(body)
+    assert third["path_qs"] == "/third"
+    assert gateway.running.front.handed_over == 1
+
+
+async def test_a_bare_lf_head_is_never_served_by_the_front(
+    gateway: GatewayHandle, host: str, upstream: Upstream
+) -> None:
+    """Lines ending in LF alone go to aiohttp's strict parser: 400, nothing upstream."""
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(f"GET /lf HTTP/1.1\nHost: {host}\n\n".encode())
+        response = await conn.read_response()
+    assert response.status == 400
+    assert gateway.running.front.handed_over == 1
+
+
+async def test_http10_without_keep_alive_is_closed_after_its_answer(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """An HTTP/1.0 request gets Connection: close and the connection ends."""
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/", [("Host", host)], version="HTTP/1.0"))
+        response = await conn.read_response()
+        assert _echoed(response)["http_version"] == "1.1"
+        assert response.header("Connection") == "close"
+        assert await conn.closed_by_peer()
+
+
+async def test_http10_keep_alive_is_kept_and_said_so(gateway: GatewayHandle, host: str) -> None:
+    """HTTP/1.0 with Connection: keep-alive gets it back and a second answer."""
+    request = request_bytes(
+        "GET", "/", [("Host", host), ("Connection", "keep-alive")], version="HTTP/1.0"
+    )
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        for _ in range(2):
+            await conn.send(request)
+            response = await conn.read_response()
+            assert response.header("Connection") == "keep-alive"
+            _echoed(response)
+
+
+async def test_a_stream_without_length_is_chunked_for_11_and_close_delimited_for_10(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A sandbox's chunked answer is re-chunked to HTTP/1.1 and sent until close to 1.0."""
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/stream?n=3&interval_ms=1", [("Host", host)]))
+        response = await conn.read_response()
+    assert response.header("Transfer-Encoding") == "chunked"
+    assert response.body == b"line 0\nline 1\nline 2\n"
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(
+            request_bytes("GET", "/stream?n=3&interval_ms=1", [("Host", host)], version="HTTP/1.0")
+        )
+        raw = await conn.read_until_close()
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower() and b"content-length" not in head.lower()
+    assert rest == b"line 0\nline 1\nline 2\n"
+
+
+async def test_head_gets_the_length_and_no_body(gateway: GatewayHandle, host: str) -> None:
+    """HEAD: the sandbox's Content-Length goes through, no body bytes follow."""
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("HEAD", "/", [("Host", host)]))
+        response = await conn.read_response(head_request=True)
+        assert response.status == 200 and int(response.header("Content-Length") or 0) > 0
+        await conn.send(request_bytes("GET", "/after-head", [("Host", host)]))
+        assert _echoed(await conn.read_response())["path_qs"] == "/after-head"
+
+
+async def test_a_half_closed_client_still_gets_its_answer(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A client that shuts its sending side after the request reads the full answer."""
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/half", [("Host", host)]))
+        conn.writer.write_eof()
+        raw = await conn.read_until_close()
+    assert raw.startswith(b"HTTP/1.1 200 ") and b'"/half"' in raw
+
+
+@pytest_asyncio.fixture
+async def short_idle_gateway(redis: aioredis.Redis, redis_url: str) -> AsyncIterator[GatewayHandle]:
+    async with running_gateway(redis_url, {"server": {"keepalive_idle_seconds": 0.3}}) as gw:
+        yield gw
+
+
+async def test_an_idle_keep_alive_connection_is_closed(
+    short_idle_gateway: GatewayHandle, writer: RouteWriter, upstream: Upstream
+) -> None:
+    """After an answer, a connection idle past keepalive_idle_seconds is closed."""
+    gateway = short_idle_gateway
+    await writer.create(SANDBOX, address="127.0.0.2")
+    await writer.expose(SANDBOX, upstream.port)
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/", [("Host", gateway.host(upstream.port, LABEL))]))
+        _echoed(await conn.read_response())
+        assert await conn.closed_by_peer(wait=5.0)
