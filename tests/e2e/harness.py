@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 
-from tests.support.gateway import ServeProcess
+from tests.support.gateway import LOOPBACK_ARGS, ServeProcess
 
 __all__ = [
     "ADMIN_TOKEN",
@@ -142,8 +142,7 @@ class Gateway:
     @classmethod
     async def start(cls, redis_url: str) -> Gateway:
         args = [
-            "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-            "--redis-url", redis_url,
+            *LOOPBACK_ARGS, "--redis-url", redis_url,
             "--domain", LOCAL_DOMAIN, "--domain", PUBLIC_DOMAIN,
         ]  # fmt: skip
         serve = await ServeProcess.start(args, env={"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN})

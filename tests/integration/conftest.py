@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp
+import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
@@ -38,3 +40,24 @@ async def upstream() -> AsyncIterator[Upstream]:
         yield server
     finally:
         await server.stop()
+
+
+@pytest_asyncio.fixture
+async def host(
+    request: pytest.FixtureRequest, writer: RouteWriter, upstream: Upstream, gateway: GatewayHandle
+) -> str:
+    """The public Host of the echo upstream, exposed on the test module's ``SANDBOX`` id."""
+    sandbox: str = request.module.SANDBOX
+    await writer.create(sandbox, address="127.0.0.2")
+    await writer.expose(sandbox, upstream.port)
+    return gateway.host(upstream.port, sandbox[:6])
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A jar-less, non-decompressing client: whatever cookie or encoding the upstream sees
+    came through the gateway, and bodies are compared as sent."""
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
+    ) as session:
+        yield session

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import parse_endpoint
 from tests.integration.test_cli import cli_env
-from tests.support.gateway import ServeProcess, route_writer
+from tests.support.gateway import LOOPBACK_ARGS, ServeProcess, route_writer
 from tests.support.rawhttp import RawConnection, exchange, request_bytes
 from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
@@ -33,7 +33,6 @@ from tests.support.waiting import wait_until
 DOMAIN = "box.test"
 SANDBOX = "opsdrn01"
 LABEL = "opsdrn"
-LOOPBACK_ARGS = ("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
 # Short enough for a quick suite; long enough to observe each phase.
 DRAIN_DELAY_SECONDS = 1.0
 DRAIN_GRACE_SECONDS = 3.0

@@ -29,6 +29,7 @@ from tests.integration.test_ops_drain import (
     scrape,
     status_of,
 )
+from tests.support.gateway import LOOPBACK_ARGS
 from tests.support.rawhttp import exchange, request_bytes
 from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
@@ -92,7 +93,7 @@ async def group(
         "GATEWAY_SERVER__DRAIN_DELAY_SECONDS": "1",
         "GATEWAY_ACCESS_LOG__ENABLED": "false",
     }
-    args = ("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", "2")
+    args = (*LOOPBACK_ARGS, "--workers", "2")
     async with replica(redis_url, env=env, args=args) as running:
         yield running, tmp_path
 

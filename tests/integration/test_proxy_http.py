@@ -12,12 +12,10 @@ import gzip
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -29,24 +27,6 @@ from tests.support.waiting import MS
 
 SANDBOX = "httpaa01"
 LABEL = "httpaa"
-
-
-@pytest_asyncio.fixture
-async def host(writer: RouteWriter, upstream: Upstream, gateway: GatewayHandle) -> str:
-    """The public Host of the echo upstream, exposed on sandbox SANDBOX."""
-    await writer.create(SANDBOX, address="127.0.0.2")
-    await writer.expose(SANDBOX, upstream.port)
-    return gateway.host(upstream.port, LABEL)
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    # A jar-less, non-decompressing client: whatever cookie or encoding the upstream
-    # sees came through the gateway, and bodies are compared as sent.
-    async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False
-    ) as session:
-        yield session
 
 
 async def _echo(

@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest_asyncio
 from aiohttp import web
 
 from gateway.routing.store import RouteWriter
@@ -31,23 +30,6 @@ SANDBOX = "streamaa01"
 LABEL = "stream"
 MIB = 1024 * 1024
 RSS_GROWTH_LIMIT = 64 * MIB
-
-
-@pytest_asyncio.fixture
-async def host(writer: RouteWriter, upstream: Upstream, gateway: GatewayHandle) -> str:
-    await writer.create(SANDBOX, address="127.0.0.2")
-    await writer.expose(SANDBOX, upstream.port)
-    return gateway.host(upstream.port, LABEL)
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        timeout=aiohttp.ClientTimeout(total=120, sock_read=10),
-    ) as session:
-        yield session
 
 
 def _rss_bytes() -> int:

@@ -50,26 +50,12 @@ async def special() -> AsyncIterator[Upstream]:
 
 
 @pytest_asyncio.fixture
-async def host(writer: RouteWriter, upstream: Upstream, gateway: GatewayHandle) -> str:
-    """The echo upstream's public host."""
-    await writer.create(SANDBOX, address="127.0.0.2")
-    await writer.expose(SANDBOX, upstream.port)
-    return gateway.host(upstream.port, LABEL)
-
-
-@pytest_asyncio.fixture
 async def special_host(
     writer: RouteWriter, host: str, special: Upstream, gateway: GatewayHandle
 ) -> str:
     """The special upstream's public host (same sandbox, another port)."""
     await writer.expose(SANDBOX, special.port)
     return gateway.host(special.port, LABEL)
-
-
-@pytest_asyncio.fixture
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
-        yield session
 
 
 SANDBOX_PONGS = web.AppKey("sandbox_pongs", list[bytes])

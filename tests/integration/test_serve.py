@@ -16,10 +16,9 @@ import redis.asyncio as aioredis
 
 from gateway.routing import schema
 from tests.integration.test_cli import Ran, assert_one_line_error, cli_env, run_cli
-from tests.support.gateway import ServeProcess
+from tests.support.gateway import LOOPBACK_ARGS, ServeProcess
 from tests.support.waiting import wait_until
 
-LOOPBACK_ARGS = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
 SERVE_TIMEOUT_SECONDS = 30.0
 
 

@@ -91,6 +91,10 @@ async def route_writer(redis_url: str) -> AsyncIterator[store.RouteWriter]:
         await client.aclose()
 
 
+# ``gateway serve`` listening on loopback port 0 (the ready line says where).
+LOOPBACK_ARGS: tuple[str, ...] = ("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0")
+
+
 class ServeProcess:
     """``python -m gateway serve ...`` as a child process; ``ready`` is its ready line."""
 
