@@ -305,6 +305,8 @@ def _edge_settings(config: Config) -> EdgeSettings:
         connect_seconds=up.connect_timeout_seconds,
         websocket_max_message_bytes=up.websocket_max_message_bytes,
         health_path=config.server.health_path,
+        misses_per_window=config.limits.misses_per_window,
+        miss_window_seconds=config.limits.miss_window_seconds,
     )
 
 
