@@ -163,6 +163,17 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Abuse limits (docs/security.md). A value of 0 turns that limit off."""
+
+    # Misses (sandbox_not_found, port_not_exposed) one client IP may cause per window
+    # before its requests to sandbox hosts get 429 rate_limited: labels are short, so
+    # without this a stranger can scan them (gateway/missbudget.py).
+    misses_per_window: int = 100
+    miss_window_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class AccessLogConfig:
     # One JSON line per request or WebSocket session on stdout.
     enabled: bool = True
@@ -192,6 +203,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     # Secret: from GATEWAY_ADMIN_TOKEN only, never from the file.
     admin_token: str | None = field(default=None, repr=False)
 
@@ -394,6 +406,10 @@ def _check_positive(config: Config) -> None:
             is_number = isinstance(value, int | float) and not isinstance(value, bool)
             if is_number and not (value > 0 or (value == 0 and f.name in may_be_zero)):
                 raise ConfigError(f"{section}.{f.name}: must be greater than 0")
+    for f in dataclasses.fields(config.limits):
+        value = getattr(config.limits, f.name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"limits.{f.name}: must be 0 (off) or greater")
     path = config.server.health_path
     if path is not None and not path.startswith("/"):
         raise ConfigError("server.health_path: must start with /")

@@ -153,12 +153,57 @@ def strip_hop_by_hop(headers: HeaderPairs) -> list[tuple[str, str]]:
     ]
 
 
-def downstream_response_headers(headers: HeaderPairs) -> list[tuple[str, str]]:
-    """The sandbox's response headers to send to the client: hop-by-hop ones removed.
+def downstream_response_headers(headers: HeaderPairs, *, public_host: str) -> list[tuple[str, str]]:
+    """The sandbox's response headers to send to the client for a request to ``public_host``.
 
-    Everything else is untouched and in order, duplicates (``Set-Cookie``) included.
+    - Hop-by-hop and Connection-listed headers are removed (RFC 9110 section 7.6.1).
+    - ``X-Gateway-Error`` is removed: a client may trust that it comes from the gateway
+      (reliability-catalogue HDR-06).
+    - ``Set-Cookie`` keeps its ``Domain`` attribute only when it names ``public_host``
+      itself (any case, a leading or trailing dot and the port ignored); any other
+      ``Domain`` (the parent ``box.runra.dev``, another sandbox, ``runra.dev``) is removed,
+      which makes the cookie host-only (RFC 6265 section 5.3 step 6), so a sandbox can
+      never set a cookie that another sandbox or the platform receives (catalogue TEN-04,
+      UPR-13). Rewriting rather than dropping keeps the app's session working.
+
+    Everything else is untouched and in order, duplicates (``Set-Cookie``) included. An
+    empty ``public_host`` removes every ``Domain`` attribute.
     """
-    return strip_hop_by_hop(headers)
+    host = _canonical_cookie_host(public_host)
+    out = []
+    for name, value in strip_hop_by_hop(headers):
+        key = name.lower()
+        if key == _GATEWAY_ERROR_KEY:
+            continue
+        out.append((name, _scope_cookie(value, host) if key == "set-cookie" else value))
+    return out
+
+
+_GATEWAY_ERROR_KEY = "x-gateway-error"
+
+
+def _canonical_cookie_host(host: str) -> str:
+    """``host`` lowercased, without a port, surrounding dots or whitespace."""
+    host = host.strip().lower()
+    name, colon, _port = host.rpartition(":")
+    if colon and not host.endswith("]"):
+        host = name
+    return host.strip(".")
+
+
+def _scope_cookie(value: str, host: str) -> str:
+    """A Set-Cookie value without any ``Domain`` attribute that is not exactly ``host``."""
+    if "domain" not in value.lower():
+        return value
+    pair, *attributes = value.split(";")
+    kept = [pair]
+    for attribute in attributes:
+        name, _, domain = attribute.partition("=")
+        is_domain = name.strip().lower() == "domain"
+        if is_domain and (not host or _canonical_cookie_host(domain) != host):
+            continue
+        kept.append(attribute)
+    return ";".join(kept)
 
 
 # --------------------------------------------------------------------------------------
@@ -277,7 +322,8 @@ def upstream_request_headers(
     Dropped: hop-by-hop and Connection-listed headers, Host, and every forwarding header
     the client sent (X-Forwarded-*, Forwarded, X-Real-IP, X-Request-Id, client-IP
     look-alikes), also when spelled with ``_`` for ``-`` (servers that map ``_`` to ``-``
-    would read them as the real thing). The rest passes in order, then these follow:
+    would read them as the real thing). ``Content-Length`` loses leading zeros. The rest
+    passes in order, then these follow:
 
     - ``Host``: ``public_host``, or ``localhost:{host_rewrite_port}`` when given;
     - ``X-Forwarded-For``: ``client.forwarded_for`` (just the client if untrusted);
@@ -289,7 +335,9 @@ def upstream_request_headers(
     """
     listed = connection_listed(headers)
     out = [
-        (name, value)
+        # Leading zeros go: a backend reading "0200" as octal would frame 128 bytes where
+        # the gateway sent 200 (catalogue SMUG-05). The parser already refused non-digits.
+        (name, value.lstrip("0") or "0") if key == "content-length" else (name, value)
         for name, value in headers
         if (key := name.lower()) not in _NOT_FORWARDED_UPSTREAM
         and key not in listed
@@ -355,9 +403,12 @@ def upgrade_kind(headers: HeaderPairs, *, method: str) -> str | None:
     those with UnsupportedUpgrade.
     """
     values = [v.strip() for n, v in headers if n.lower() == "upgrade"]
-    value = ", ".join(v for v in values if v).lower()
+    value = ", ".join(v for v in values if v)
     if not value or "upgrade" not in connection_listed(headers):
         return None
+    # Lowercase ASCII only: str.lower() maps the Kelvin sign to "k", so "websoc\u212aet"
+    # would pass as "websocket" (catalogue SMUG-24).
+    value = value.lower() if value.isascii() else value
     if value != WEBSOCKET:
         return value
     return WEBSOCKET if method == "GET" else f"{WEBSOCKET} over {method}"

@@ -45,6 +45,8 @@ log = logging.getLogger("gateway.server")
 SETTINGS_CHECK_SECONDS = 5.0
 # aiohttp's defaults (8190) refuse the large cookies some dev tools set.
 MAX_HEADER_FIELD_BYTES = 16 * 1024
+# Header fields per request (aiohttp's default): more is an attack, not a browser.
+MAX_REQUEST_HEADERS = 128
 # Pending connections the kernel queues per listener (aiohttp's 128 drops bursts).
 LISTEN_BACKLOG = 1024
 
@@ -186,12 +188,14 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
         auto_decompress=False,
         max_field_size=MAX_HEADER_FIELD_BYTES,
         max_line_size=MAX_HEADER_FIELD_BYTES,
+        max_headers=MAX_REQUEST_HEADERS,
         keepalive_timeout=config.server.keepalive_idle_seconds,
         access_log=None,
     )
     front = Front(
         handler, edge, keepalive_idle_seconds=config.server.keepalive_idle_seconds,
         read_idle_seconds=config.upstream.read_idle_timeout_seconds,
+        max_headers=MAX_REQUEST_HEADERS,
     )  # fmt: skip
     listener = Listener(front, _listener_policy(config))
     handler.listener = listener
@@ -319,6 +323,8 @@ def _edge_settings(config: Config) -> EdgeSettings:
         connect_seconds=up.connect_timeout_seconds,
         websocket_max_message_bytes=up.websocket_max_message_bytes,
         health_path=config.server.health_path,
+        misses_per_window=config.limits.misses_per_window,
+        miss_window_seconds=config.limits.miss_window_seconds,
     )
 
 

@@ -8,11 +8,13 @@ and hands everything else to aiohttp, so there is one implementation of each har
 - A request head (up to the first CRLF CRLF, at most ``MAX_HEAD_BYTES``) is parsed with
   httptools (llhttp, the parser under aiohttp too). It is served here when it is
   complete without a body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0),
-  asks for no upgrade, expects no ``100 Continue``, and every line ends in CRLF.
+  asks for no upgrade, expects no ``100 Continue``, says HTTP/1.0 or HTTP/1.1, and every
+  line ends in CRLF.
 - Anything else (a body, a WebSocket or other upgrade, a head the strict parser refuses,
-  bare CR or LF, an oversized head) hands the connection to aiohttp's ``RequestHandler``
-  for the rest of its life: the bytes from the start of that request on are replayed into
-  it, so aiohttp answers exactly as it would have from the first byte.
+  bare CR or LF, an oversized head, more than ``max_headers`` fields) hands the
+  connection to aiohttp's ``RequestHandler`` for the rest of its life: the bytes from the
+  start of that request on are replayed into it, so aiohttp answers exactly as it would
+  have from the first byte.
 - One request at a time: pipelined requests wait in the buffer (reading paused past
   ``MAX_HEAD_BYTES``) until the answer before them is complete, then go in order.
 - Routing, refusals and accounting are ``EdgeHandler``'s (``new_record``, ``plan``,
@@ -58,9 +60,10 @@ _CRLF = b"\r\n"
 class _Head:
     """What httptools found in one request head (filled in by its callbacks)."""
 
-    __slots__ = ("complete", "connection", "raw", "refuse", "url")
+    __slots__ = ("complete", "connection", "max_headers", "raw", "refuse", "url")
 
-    def __init__(self) -> None:
+    def __init__(self, max_headers: int) -> None:
+        self.max_headers = max_headers
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
         self.complete = False
@@ -86,6 +89,8 @@ class _Head:
         elif lower == b"connection":
             self.connection.update(t.strip().lower() for t in value.split(b","))
         self.raw.append((name, value))
+        if len(self.raw) > self.max_headers:
+            self.refuse = True  # aiohttp refuses it with the same limit
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -101,9 +106,12 @@ class Front:
         *,
         keepalive_idle_seconds: float,
         read_idle_seconds: float,
+        max_headers: int,
     ) -> None:
-        """``fallback`` makes the protocol a connection is handed to (aiohttp's server)."""
+        """``fallback`` makes the protocol a connection is handed to (aiohttp's server,
+        configured with the same ``max_headers``)."""
         self.handler = handler
+        self.max_headers = max_headers
         self.fallback = fallback
         self.keepalive_idle_seconds = keepalive_idle_seconds
         self.read_idle_seconds = read_idle_seconds
@@ -225,19 +233,25 @@ class FrontProtocol(asyncio.Protocol):
         if len(head) > MAX_HEAD_BYTES or _has_bare_cr_or_lf(head):
             self._hand_over()
             return
-        parsed = _Head()
+        parsed = _Head(self._front.max_headers)
         parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             parsed.refuse = True  # aiohttp's path answers upgrades and malformed requests
-        if parsed.refuse or not parsed.complete or parser.get_method() == b"CONNECT":
+        version = parser.get_http_version()
+        if (
+            parsed.refuse
+            or not parsed.complete
+            or version not in ("1.0", "1.1")  # llhttp takes any digit pair; aiohttp not
+            or parser.get_method() == b"CONNECT"
+        ):
             self._hand_over()
             return
         del buffer[: end + 4]
         self.busy = True
         self._front._request_began()
-        http10 = parser.get_http_version() == "1.0"
+        http10 = version == "1.0"
         keep_alive = parsed.keep_alive(http10) and not self._eof
         request = _Request(parser.get_method().decode("ascii"), parsed, keep_alive, http10)
         listener = self._front.handler.listener
@@ -369,7 +383,7 @@ class FrontProtocol(asyncio.Protocol):
         """Stream the sandbox's answer to the client; returns whether to keep the connection."""
         transport = self._transport
         assert transport is not None
-        relayed = headers.downstream_response_headers(upstream.headers)
+        relayed = headers.downstream_response_headers(upstream.headers, public_host=record.host)
         no_body = request.method == "HEAD" or upstream.status in _NO_BODY_STATUSES
         framed = no_body or any(n.lower() == "content-length" for n, _ in relayed)
         # Without a length, an HTTP/1.1 client gets chunks; an HTTP/1.0 one gets the body

@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway import errors, headers, hostnames
 from gateway.headers import HeaderPairs
 from gateway.listener import Listener
+from gateway.missbudget import MISS_CODES, MissBudget
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.http import Answer, RequestPlan, abort_downstream, forward_http
@@ -44,6 +45,9 @@ class EdgeSettings:
     # A health path for balancers that can only probe the serving port; answered only
     # for Hosts outside the sandbox domains, so it never shadows a sandbox's own path.
     health_path: str | None = None
+    # The per-client miss budget (gateway/missbudget.py); 0 turns it off.
+    misses_per_window: int = 0
+    miss_window_seconds: float = 0.0
 
 
 class EdgeHandler:
@@ -71,6 +75,7 @@ class EdgeHandler:
         self.listener: Listener | None = None
         self.draining = False
         self._allowed_addresses: dict[tuple[str, int], bool] = {}
+        self._misses = MissBudget(settings.misses_per_window, settings.miss_window_seconds)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_headers = _text_headers(request.raw_headers)
@@ -152,6 +157,8 @@ class EdgeHandler:
                 return self._health(record)
             raise
         record.label, record.port = target.label, target.port
+        if self._misses.spent(client.ip):
+            raise errors.RateLimited("too many requests for unknown sandboxes or ports")
         hostnames.check_absolute_target(raw_path, host)
         upgrade = headers.upgrade_kind(request_headers, method=method)
         if upgrade is not None and upgrade != "websocket":
@@ -187,6 +194,8 @@ class EdgeHandler:
             error.port = record.port
         record.outcome = "gateway_error"
         record.code = error.code
+        if error.code in MISS_CODES:
+            self._misses.miss(record.client_ip)
         record.status = error.status
         return pages.render(
             error, request_id=record.request_id, html_wanted=headers.wants_html(request_headers)

@@ -111,7 +111,11 @@ async def _relay_response(
     response = RelayedResponse(
         status=upstream.status,
         reason=upstream.reason or None,
-        headers=CIMultiDict(headers.downstream_response_headers(upstream.headers)),
+        headers=CIMultiDict(
+            headers.downstream_response_headers(
+                upstream.headers, public_host=request.headers.get("Host", "")
+            )
+        ),
     )
     response.headers[headers.REQUEST_ID] = record.request_id
     try:

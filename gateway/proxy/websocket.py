@@ -184,9 +184,9 @@ async def open_sandbox_socket(
     except aiohttp.WSServerHandshakeError as exc:
         # The sandbox's own answer (e.g. 403 from a dev server's host check) goes back
         # with its headers; its body is not kept by aiohttp.
-        return _refusal(exc.status, list((exc.headers or {}).items()))
+        return _refusal(exc.status, list((exc.headers or {}).items()), upstream_headers)
     except _Redirected as exc:  # e.g. to a login page: relayed, never followed
-        return _refusal(exc.status, exc.headers)
+        return _refusal(exc.status, exc.headers, upstream_headers)
     except aiohttp.ClientConnectorError as exc:
         if isinstance(exc.os_error, ConnectionRefusedError):
             raise errors.UpstreamRefused(f"nothing is listening on port {target.port}") from None
@@ -197,11 +197,15 @@ async def open_sandbox_socket(
         raise errors.UpstreamProtocolError(f"the WebSocket handshake failed: {exc}") from None
 
 
-def _refusal(status: int, sandbox_headers: list[tuple[str, str]]) -> web.Response:
+def _refusal(
+    status: int, sandbox_headers: list[tuple[str, str]], upstream_headers: list[tuple[str, str]]
+) -> web.Response:
     refusal = web.Response(
         status=status, text=f"the sandbox refused the WebSocket upgrade ({status})\n"
     )
-    for name, value in downstream_response_headers(sandbox_headers):
+    # The public host is the X-Forwarded-Host the gateway itself set (cookie scoping).
+    public_host = next((v for n, v in upstream_headers if n == "X-Forwarded-Host"), "")
+    for name, value in downstream_response_headers(sandbox_headers, public_host=public_host):
         if name.lower() not in _BODY_HEADERS:
             refusal.headers.add(name, value)
     return refusal

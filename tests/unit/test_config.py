@@ -220,6 +220,18 @@ def test_unknown_file_keys_are_errors(text: str, key: str) -> None:
         load_config(yaml_text=text, environ={})
 
 
+def test_limits_zero_turns_the_miss_budget_off_and_defaults_are_on() -> None:
+    """limits.* accept 0 (off); by default the miss budget is 100 misses per 60 s."""
+    config = load_config(yaml_text="limits: {misses_per_window: 0, miss_window_seconds: 0}",
+                         environ={})  # fmt: skip
+    assert config.limits.misses_per_window == 0
+    assert config.limits.miss_window_seconds == 0
+    default = load_config(environ={}).limits
+    assert (default.misses_per_window, default.miss_window_seconds) == (100, 60.0)
+    with pytest.raises(ConfigError, match=r"^limits\.budget: unknown key"):
+        load_config(yaml_text="limits: {budget: 1}", environ={})
+
+
 def test_admin_token_in_the_file_is_refused() -> None:
     """The token is a secret: the file may not carry it, and the error says where it goes."""
     with pytest.raises(ConfigError, match=r"admin_token.*GATEWAY_ADMIN_TOKEN"):
@@ -255,6 +267,9 @@ def test_admin_token_in_the_file_is_refused() -> None:
         ("routing: {public_url_template: 'https://x.test'}", "routing.public_url_template"),
         ("routing: {quarantine_seconds: 1.5}", "routing.quarantine_seconds"),
         ("upstream: {websocket_max_message_bytes: 0}", "upstream.websocket_max_message_bytes"),
+        ("limits: {misses_per_window: -1}", "limits.misses_per_window"),
+        ("limits: {miss_window_seconds: -0.5}", "limits.miss_window_seconds"),
+        ("limits: {misses_per_window: 1.5}", "limits.misses_per_window"),
     ],
     ids=lambda v: v if ":" not in v else None,
 )  # fmt: skip

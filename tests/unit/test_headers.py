@@ -155,13 +155,46 @@ def test_downstream_response_headers_keep_set_cookie_duplicates() -> None:
         ("Access-Control-Allow-Origin", "*"),
         ("Set-Cookie", "a=3; Path=/x"),
     ]
-    assert downstream_response_headers(response) == [
+    assert downstream_response_headers(response, public_host="3000-abc.box.test") == [
         ("Content-Type", "text/html"),
         ("Set-Cookie", "a=1; Path=/"),
         ("Set-Cookie", "b=2; Path=/"),
         ("Access-Control-Allow-Origin", "*"),
         ("Set-Cookie", "a=3; Path=/x"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("cookie", "expected"),
+    [
+        ("s=1; Domain=box.test; Path=/", "s=1; Path=/"),
+        ("s=1; Domain=.box.test", "s=1"),
+        ("s=1; domain=test; Secure", "s=1; Secure"),
+        ("s=1;Domain=3000-other.box.test", "s=1"),
+        ("s=1; Domain=evil.test; Domain=3000-abc.box.test", "s=1; Domain=3000-abc.box.test"),
+        ("s=1; Domain=3000-ABC.box.test.", "s=1; Domain=3000-ABC.box.test."),
+        ("s=1; Domain=3000-abc.box.test", "s=1; Domain=3000-abc.box.test"),
+        ("__Host-x=1; Domain=box.test; Path=/; Secure", "__Host-x=1; Path=/; Secure"),
+        ("s=domain; Path=/", "s=domain; Path=/"),
+        ("s=1; Path=/", "s=1; Path=/"),
+    ],
+)
+def test_set_cookie_domain_scoped_to_the_public_host(cookie: str, expected: str) -> None:
+    """A Set-Cookie Domain other than the request's own host is removed (host-only)."""
+    got = downstream_response_headers([("Set-Cookie", cookie)], public_host="3000-abc.box.test:80")
+    assert got == [("Set-Cookie", expected)]
+
+
+def test_set_cookie_without_public_host_loses_every_domain() -> None:
+    """With no public host known, no Domain attribute survives."""
+    got = downstream_response_headers([("Set-Cookie", "s=1; Domain=a.test")], public_host="")
+    assert got == [("Set-Cookie", "s=1")]
+
+
+def test_sandbox_gateway_error_header_is_dropped() -> None:
+    """A sandbox cannot send X-Gateway-Error (any case): only the gateway's own is seen."""
+    response = [("X-Gateway-Error", "sandbox_paused"), ("x-gateway-error", "x"), ("A", "1")]
+    assert downstream_response_headers(response, public_host="h") == [("A", "1")]
 
 
 # --------------------------------------------------------------------------------------
