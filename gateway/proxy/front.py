@@ -7,7 +7,7 @@ and hands everything else to aiohttp, so there is one implementation of each har
 
 - A request head (up to the first CRLF CRLF, at most ``MAX_HEAD_BYTES``) is parsed with
   httptools (llhttp, the parser under aiohttp too). It is served here when it is
-  complete without a body (no ``Transfer-Encoding``; ``Content-Length`` absent or 0),
+  complete or has a plain ``Content-Length`` body (no ``Transfer-Encoding``),
   asks for no upgrade, expects no ``100 Continue``, says HTTP/1.0 or HTTP/1.1, and every
   line ends in CRLF.
 - Anything else (a body, a WebSocket or other upgrade, a head the strict parser refuses,
@@ -30,6 +30,7 @@ and hands everything else to aiohttp, so there is one implementation of each har
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import logging
@@ -53,6 +54,8 @@ log = logging.getLogger("gateway.front")
 # A head longer than this goes to aiohttp, which applies its own field limits (16 KiB a
 # line) and answers 431/400 itself; also the most buffered while a request is served.
 MAX_HEAD_BYTES = 16 * 1024
+# Request body bytes held for a sandbox that reads slower than the client sends.
+BODY_HIGH_WATER_BYTES = 256 * 1024
 _NO_BODY_STATUSES = frozenset((204, 304))
 _CRLF = b"\r\n"
 
@@ -60,10 +63,11 @@ _CRLF = b"\r\n"
 class _Head:
     """What httptools found in one request head (filled in by its callbacks)."""
 
-    __slots__ = ("complete", "connection", "max_headers", "raw", "refuse", "url")
+    __slots__ = ("complete", "connection", "length", "max_headers", "raw", "refuse", "url")
 
     def __init__(self, max_headers: int) -> None:
         self.max_headers = max_headers
+        self.length = 0  # Content-Length; llhttp refuses duplicates and non-digits
         self.url = b""
         self.raw: list[tuple[bytes, bytes]] = []
         self.complete = False
@@ -82,10 +86,14 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        if lower in (b"transfer-encoding", b"upgrade", b"expect") or (
-            lower == b"content-length" and value.strip() != b"0"
-        ):
+        if lower in (b"transfer-encoding", b"upgrade", b"expect"):
             self.refuse = True
+        elif lower == b"content-length":
+            digits = value.strip()
+            if digits.isdigit() and len(digits) <= 15 and (digits == b"0" or digits[0] != 48):
+                self.length = int(digits)
+            else:
+                self.refuse = True  # odd but parseable lengths: aiohttp's call
         elif lower == b"connection":
             self.connection.update(t.strip().lower() for t in value.split(b","))
         self.raw.append((name, value))
@@ -159,6 +167,7 @@ class FrontProtocol(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._paused = False
         self._eof = False
+        self._body: _Body | None = None
         self.busy = False
 
     # asyncio.Protocol -----------------------------------------------------------------
@@ -176,6 +185,8 @@ class FrontProtocol(asyncio.Protocol):
             self._delegate.data_received(data)
             return
         self._cancel_idle_timer()
+        if self._body is not None and self._body.remaining:
+            data = self._body.feed(data)
         self._buffer += data
         if self.busy:
             if len(self._buffer) > MAX_HEAD_BYTES and self._transport is not None:
@@ -242,7 +253,7 @@ class FrontProtocol(asyncio.Protocol):
         version = parser.get_http_version()
         if (
             parsed.refuse
-            or not parsed.complete
+            or not (parsed.complete or parsed.length)
             or version not in ("1.0", "1.1")  # llhttp takes any digit pair; aiohttp not
             or parser.get_method() == b"CONNECT"
         ):
@@ -251,6 +262,10 @@ class FrontProtocol(asyncio.Protocol):
         del buffer[: end + 4]
         self.busy = True
         self._front._request_began()
+        if parsed.length:
+            self._body = _Body(self, parsed.length)
+            if buffer:
+                self._buffer = bytearray(self._body.feed(bytes(buffer)))
         http10 = version == "1.0"
         keep_alive = parsed.keep_alive(http10) and not self._eof
         request = _Request(parser.get_method().decode("ascii"), parsed, keep_alive, http10)
@@ -290,6 +305,11 @@ class FrontProtocol(asyncio.Protocol):
             except errors.EdgeError as exc:
                 page = handler.error_page(exc, record, request.headers)
                 keep_alive = self._answer(_page_answer(page), request, keep_alive)
+        except _ClientStalled:
+            record.outcome = "client_gone"
+            keep_alive = False
+            if self._transport is not None:
+                self._transport.abort()
         except asyncio.CancelledError:
             if record.outcome == "ok":
                 record.outcome = "client_gone"
@@ -304,6 +324,12 @@ class FrontProtocol(asyncio.Protocol):
             self._finish(record, keep_alive)
 
     def _finish(self, record: RequestRecord, keep_alive: bool) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            record.bytes_in = body.received
+            # An answer before the whole body arrived (a 413, say): the rest of the
+            # body is still on the wire, so the connection can't carry another request.
+            keep_alive = keep_alive and not body.remaining
         record.finish()
         for sink in self._front.handler.sinks:
             sink(record)
@@ -367,7 +393,7 @@ class FrontProtocol(asyncio.Protocol):
         with handler.sessions.track(record.label or "", target.port, target.incarnation, stop):
             sent = time.monotonic()
             upstream = await pool.request(
-                target, head, None, chunked=False, head_only=request.method == "HEAD"
+                target, head, self._body, chunked=False, head_only=request.method == "HEAD"
             )
             record.upstream_seconds = time.monotonic() - sent
             try:
@@ -438,6 +464,20 @@ class FrontProtocol(asyncio.Protocol):
         except TimeoutError:
             raise errors.UpstreamTimeout("the client stopped reading the answer") from None
 
+    @property
+    def read_idle_seconds(self) -> float:
+        return self._front.read_idle_seconds
+
+    def _pause_reading(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+
     def _wake_writer(self) -> None:
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
@@ -452,6 +492,62 @@ class FrontProtocol(asyncio.Protocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+
+
+class _ClientStalled(Exception):
+    """The client sent no request body bytes for ``read_idle_seconds``."""
+
+
+class _Body:
+    """A request body as it arrives, for the upstream client to send (``async for``).
+
+    Contract: ``feed`` takes what the client sent and returns the bytes beyond the body
+    (the next pipelined request); iteration yields the body in arrival order and ends
+    after ``Content-Length`` bytes; a silence of ``read_idle_seconds`` raises
+    ``_ClientStalled``. More than ``BODY_HIGH_WATER_BYTES`` waiting pauses the client.
+    """
+
+    def __init__(self, protocol: FrontProtocol, length: int) -> None:
+        self._protocol = protocol
+        self.remaining = length
+        self.received = 0
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> bytes:
+        take = data[: self.remaining]
+        if take:
+            self.remaining -= len(take)
+            self.received += len(take)
+            self._chunks.append(take)
+            self._buffered += len(take)
+            if self._buffered > BODY_HIGH_WATER_BYTES:
+                self._protocol._pause_reading()
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)
+        return data[len(take) :]
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._chunks:
+            if not self.remaining:
+                raise StopAsyncIteration
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._protocol.read_idle_seconds):
+                    await waiter
+            except TimeoutError:
+                raise _ClientStalled from None
+            finally:
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._buffered < BODY_HIGH_WATER_BYTES // 4:
+            self._protocol._resume_reading()
+        return chunk
 
 
 class _Request:

@@ -3,6 +3,7 @@ itself, what it hands to aiohttp, and that a connection survives the hand-over."
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,23 +38,52 @@ async def test_pipelined_requests_are_answered_in_order_one_each(
     assert gateway.running.front.handed_over == 0
 
 
-async def test_a_body_hands_the_connection_to_aiohttp_mid_stream(
+async def test_a_chunked_body_hands_the_connection_to_aiohttp_mid_stream(
     gateway: GatewayHandle, host: str
 ) -> None:
-    """GET, then POST with a body, then GET on one connection: all answered, body intact."""
-    body = b"x" * 100_000
+    """GET, chunked POST, GET on one connection: all answered, the body intact."""
     async with RawConnection.open("127.0.0.1", gateway.port) as conn:
         await conn.send(request_bytes("GET", "/first", [("Host", host)]))
         assert _echoed(await conn.read_response())["path_qs"] == "/first"
         post = request_bytes(
-            "POST", "/upload-echo", [("Host", host), ("Content-Length", str(len(body)))], body
-        )
+            "POST", "/chunked", [("Host", host), ("Transfer-Encoding", "chunked")],
+            b"5\r\nhello\r\n0\r\n\r\n",
+        )  # fmt: skip
         await conn.send(post + request_bytes("GET", "/third", [("Host", host)]))
         posted = _echoed(await conn.read_response())
         third = _echoed(await conn.read_response())
-    assert posted["method"] == "POST" and posted["body_len"] == len(body)
+    assert posted["method"] == "POST" and posted["body_len"] == 5
     assert third["path_qs"] == "/third"
     assert gateway.running.front.handed_over == 1
+
+
+async def test_a_content_length_body_is_streamed_by_the_front(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A 3 MiB Content-Length POST and a pipelined GET: both answered, nothing handed over."""
+    body = bytes(range(256)) * (3 * 4096)
+    post = request_bytes("POST", "/big", [("Host", host), ("Content-Length", str(len(body)))], body)
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(post + request_bytes("GET", "/after", [("Host", host)]))
+        posted = _echoed(await conn.read_response())
+        after = _echoed(await conn.read_response())
+    assert posted["body_len"] == len(body)
+    assert posted["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert after["path_qs"] == "/after"
+    assert gateway.running.front.handed_over == 0
+
+
+async def test_an_answer_before_the_whole_body_closes_the_connection(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """The sandbox answers mid-upload: the client gets that answer, then the connection
+    ends (the rest of the body can't be mistaken for a request)."""
+    head = request_bytes("POST", "/status/413", [("Host", host), ("Content-Length", "100000")])
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(head + b"GET /smuggled HTTP/1.1\r\n")
+        response = await conn.read_response()
+        assert response.status == 413
+        assert await conn.closed_by_peer()
 
 
 async def test_a_bare_lf_head_is_never_served_by_the_front(
