@@ -82,8 +82,11 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        if lower in (b"transfer-encoding", b"upgrade", b"expect") or (
-            lower == b"content-length" and value.strip() != b"0"
+        if (
+            lower in (b"transfer-encoding", b"upgrade", b"expect")
+            or (lower == b"content-length" and value.strip() != b"0")
+            # A second Host: aiohttp refuses it (catalogue HOST-02); llhttp does not.
+            or (lower == b"host" and any(n.lower() == b"host" for n, _ in self.raw))
         ):
             self.refuse = True
         elif lower == b"connection":
@@ -391,7 +394,9 @@ class FrontProtocol(asyncio.Protocol):
         chunked = not framed and not request.http10
         if not framed and request.http10:
             keep_alive = False
-        lines = [b"HTTP/1.1 %d %s" % (upstream.status, upstream.reason.encode("latin-1"))]
+        # A sandbox's reason phrase with control bytes is not copied (catalogue UPR-05).
+        reason = headers.relayable_reason(upstream.reason) or _reason(upstream.status).decode()
+        lines = [b"HTTP/1.1 %d %s" % (upstream.status, reason.encode("latin-1"))]
         lines += [_header_line(name, value) for name, value in relayed]
         if not any(n.lower() == "date" for n, _ in relayed):
             lines.append(b"Date: " + _http_date())

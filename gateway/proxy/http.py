@@ -110,7 +110,7 @@ async def _relay_response(
 ) -> web.StreamResponse:
     response = RelayedResponse(
         status=upstream.status,
-        reason=upstream.reason or None,
+        reason=headers.relayable_reason(upstream.reason),
         headers=CIMultiDict(
             headers.downstream_response_headers(
                 upstream.headers, public_host=request.headers.get("Host", "")
