@@ -367,7 +367,11 @@ class FrontProtocol(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
 
-        with handler.sessions.track(record.label or "", target.port, target.incarnation, stop):
+        label = record.label or ""
+        with (
+            handler.connections.hold(label, plan.connection_limit, port=target.port),
+            handler.sessions.track(label, target.port, target.incarnation, stop),
+        ):
             sent = time.monotonic()
             upstream = await pool.request(
                 target, head, None, chunked=False, head_only=request.method == "HEAD"

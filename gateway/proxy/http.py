@@ -54,6 +54,8 @@ class RequestPlan:
     path: str
     upstream_headers: list[tuple[str, str]]
     websocket: bool = False  # a WebSocket upgrade, to be relayed rather than forwarded
+    # Upstream connections this sandbox may hold at once (gateway/proxy/connlimit.py).
+    connection_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
