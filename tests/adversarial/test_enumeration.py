@@ -10,6 +10,7 @@ checked against the run: the scanner got exactly the budget's misses, then only 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import string
 import time
@@ -89,7 +90,7 @@ async def test_scanner_rate_without_and_with_the_miss_budget(
 async def test_hits_cost_nothing_and_a_spent_client_is_limited_everywhere(
     redis: aioredis.Redis, redis_url: str
 ) -> None:
-    """Hits never spend the budget; once misses spend it, even a live host answers 429."""
+    """Hits never spend the budget; once spent, even a live host is 429, for that IP only."""
     async with (
         running_gateway(redis_url, _config(3)) as gw,
         RecordingUpstream.start("127.0.0.2") as up,
@@ -108,3 +109,13 @@ async def test_hits_cost_nothing_and_a_spent_client_is_limited_everywhere(
                 assert (await conn.read_response()).header("X-Gateway-Error") == code
             await conn.send(live)
             assert (await conn.read_response()).status == 429
+        # Another client (another loopback source address) has its own budget.
+        reader, writer_ = await asyncio.open_connection(
+            "127.0.0.1", gw.port, local_addr=("127.0.0.9", 0)
+        )
+        other = RawConnection(reader, writer_)
+        try:
+            await other.send(live)
+            assert (await other.read_response()).status == 200
+        finally:
+            await other.close()

@@ -160,3 +160,33 @@ async def test_forwarding_headers_from_a_trusted_balancer(
             assert len(chain) == 1
             assert chain[0].split(", ")[0] == client, (lines[:60], chain[0][:60])
         assert up.requests[-1].headers_named("X-Forwarded-Proto") == ["https"]
+
+
+@pytest.mark.catalogue("TEN-08")
+async def test_error_pages_never_reflect_markup_from_the_host(tenants: Tenants) -> None:
+    """A Host with markup, or an X-Forwarded-Host, is never echoed raw into a page."""
+    t = tenants
+    for host in (f"{t.attacker.port}-<script>x.box.test", "<img src=x>.evil.test"):
+        data = (
+            f"GET / HTTP/1.1\r\nHost: {host}\r\nAccept: text/html\r\n"
+            "X-Forwarded-Host: <b>evil</b>\r\nConnection: close\r\n\r\n"
+        )
+        FIGURES["inputs"] += 1
+        response = await exchange("127.0.0.1", t.gateway.port, data.encode())
+        assert 400 <= response.status < 500
+        for raw in (b"<script>", b"<img", b"<b>evil"):
+            assert raw not in response.body and raw not in response.head
+
+
+@pytest.mark.catalogue("HDR-07")
+async def test_many_client_headers_still_fit_the_sandbox(tenants: Tenants) -> None:
+    """120 client headers plus the gateway's own reach the sandbox complete (or 431/400)."""
+    t = tenants
+    lines = "".join(f"X-H{i}: {i}\r\n" for i in range(120))
+    status = await _get(t, f"Host: {t.host(ATTACKER)}\r\n{lines}")
+    if status == 200:
+        [request] = t.attacker.requests
+        assert sum(k.startswith("X-H") for k, _ in request.headers) == 120
+        assert len(request.headers_named("X-Request-Id")) == 1
+    else:
+        assert status in (400, 431)
