@@ -171,6 +171,10 @@ class LimitsConfig:
     # without this a stranger can scan them (gateway/missbudget.py).
     misses_per_window: int = 100
     miss_window_seconds: float = 60.0
+    # Requests being forwarded plus WebSockets relayed to one sandbox at once (all its
+    # ports), per process; over it, 429 rate_limited. A route record's
+    # limits.connections overrides it (gateway/proxy/connlimit.py).
+    connections_per_sandbox: int = 1000
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ __all__ = [
     "downstream_response_headers",
     "is_valid_request_id",
     "new_request_id",
+    "relayable_reason",
     "resolve_client",
     "strip_hop_by_hop",
     "upgrade_kind",
@@ -412,6 +413,17 @@ def upgrade_kind(headers: HeaderPairs, *, method: str) -> str | None:
     if value != WEBSOCKET:
         return value
     return WEBSOCKET if method == "GET" else f"{WEBSOCKET} over {method}"
+
+
+_REASON_RE = re.compile(r"[\t\x20-\x7e]{0,512}")
+
+
+def relayable_reason(reason: str) -> str | None:
+    """A sandbox's reason phrase if safe to copy (tab, space and visible ASCII, at most
+    512 characters), else None for the standard phrase. A control byte would otherwise
+    make aiohttp's writer refuse the head and answer 500 (catalogue UPR-05).
+    """
+    return reason if reason and _REASON_RE.fullmatch(reason) else None
 
 
 def new_request_id() -> str:

@@ -325,6 +325,7 @@ def _edge_settings(config: Config) -> EdgeSettings:
         health_path=config.server.health_path,
         misses_per_window=config.limits.misses_per_window,
         miss_window_seconds=config.limits.miss_window_seconds,
+        connections_per_sandbox=config.limits.connections_per_sandbox,
     )
 
 

@@ -86,7 +86,10 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        if lower in (b"transfer-encoding", b"upgrade", b"expect"):
+        if lower in (b"transfer-encoding", b"upgrade", b"expect") or (
+            # A second Host: aiohttp refuses it (catalogue HOST-02); llhttp does not.
+            lower == b"host" and any(n.lower() == b"host" for n, _ in self.raw)
+        ):
             self.refuse = True
         elif lower == b"content-length":
             digits = value.strip()
@@ -390,7 +393,11 @@ class FrontProtocol(asyncio.Protocol):
             if self._transport is not None:
                 self._transport.abort()
 
-        with handler.sessions.track(record.label or "", target.port, target.incarnation, stop):
+        label = record.label or ""
+        with (
+            handler.connections.hold(label, plan.connection_limit, port=target.port),
+            handler.sessions.track(label, target.port, target.incarnation, stop),
+        ):
             sent = time.monotonic()
             upstream = await pool.request(
                 target, head, self._body, chunked=False, head_only=request.method == "HEAD"
@@ -417,7 +424,9 @@ class FrontProtocol(asyncio.Protocol):
         chunked = not framed and not request.http10
         if not framed and request.http10:
             keep_alive = False
-        lines = [b"HTTP/1.1 %d %s" % (upstream.status, upstream.reason.encode("latin-1"))]
+        # A sandbox's reason phrase with control bytes is not copied (catalogue UPR-05).
+        reason = headers.relayable_reason(upstream.reason) or _reason(upstream.status).decode()
+        lines = [b"HTTP/1.1 %d %s" % (upstream.status, reason.encode("latin-1"))]
         lines += [_header_line(name, value) for name, value in relayed]
         if not any(n.lower() == "date" for n, _ in relayed):
             lines.append(b"Date: " + _http_date())

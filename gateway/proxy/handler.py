@@ -25,6 +25,7 @@ from gateway.listener import Listener
 from gateway.missbudget import MISS_CODES, MissBudget
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
+from gateway.proxy.connlimit import ConnectionLimiter, effective_limit
 from gateway.proxy.http import Answer, RequestPlan, abort_downstream, forward_http
 from gateway.proxy.sessions import ActiveSessions
 from gateway.proxy.upstream import UpstreamPool
@@ -48,6 +49,8 @@ class EdgeSettings:
     # The per-client miss budget (gateway/missbudget.py); 0 turns it off.
     misses_per_window: int = 0
     miss_window_seconds: float = 0.0
+    # Default per-sandbox connection limit (gateway/proxy/connlimit.py); 0: none.
+    connections_per_sandbox: int = 0
 
 
 class EdgeHandler:
@@ -76,6 +79,7 @@ class EdgeHandler:
         self.draining = False
         self._allowed_addresses: dict[tuple[str, int], bool] = {}
         self._misses = MissBudget(settings.misses_per_window, settings.miss_window_seconds)
+        self.connections = ConnectionLimiter()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_headers = _text_headers(request.raw_headers)
@@ -180,6 +184,9 @@ class EdgeHandler:
                 host_rewrite_port=target.port if upstream.host_rewrite else None,
             ),
             websocket=upgrade == "websocket",
+            connection_limit=effective_limit(
+                sandbox.limits if sandbox else {}, self._settings.connections_per_sandbox
+            ),
         )  # fmt: skip
 
     def error_page(
@@ -222,7 +229,10 @@ class EdgeHandler:
 
         target = plan.target
         label = record.label or ""
-        with self.sessions.track(label, target.port, target.incarnation, stop):
+        with (
+            self.connections.hold(label, plan.connection_limit, port=target.port),
+            self.sessions.track(label, target.port, target.incarnation, stop),
+        ):
             return await forward_http(
                 request, plan, pool=self._pool,
                 read_idle_seconds=self._settings.read_idle_seconds, record=record,
@@ -232,6 +242,14 @@ class EdgeHandler:
         self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
     ) -> web.StreamResponse:
         record.kind = "websocket"
+        label = record.label or ""
+        # Held from before the sandbox connect to the end of the relay.
+        with self.connections.hold(label, plan.connection_limit, port=plan.target.port):
+            return await self._websocket_held(request, plan, record)
+
+    async def _websocket_held(
+        self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
+    ) -> web.StreamResponse:
         protocols = _requested_protocols(request)
         sandbox_side = await websocket.open_sandbox_socket(
             self._ws_client, plan.target, plan.path, plan.upstream_headers,

@@ -54,6 +54,8 @@ class RequestPlan:
     path: str
     upstream_headers: list[tuple[str, str]]
     websocket: bool = False  # a WebSocket upgrade, to be relayed rather than forwarded
+    # Upstream connections this sandbox may hold at once (gateway/proxy/connlimit.py).
+    connection_limit: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ async def _relay_response(
 ) -> web.StreamResponse:
     response = RelayedResponse(
         status=upstream.status,
-        reason=upstream.reason or None,
+        reason=headers.relayable_reason(upstream.reason),
         headers=CIMultiDict(
             headers.downstream_response_headers(
                 upstream.headers, public_host=request.headers.get("Host", "")

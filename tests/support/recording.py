@@ -67,8 +67,8 @@ class Reply:
     Attributes:
         data: raw bytes written as they are.
         then: ``"keep"`` (keep-alive: read the next request), ``"close"`` (FIN after
-            ``data``), ``"reset"`` (RST after ``data``), ``"hang"`` (send nothing more
-            and never read again, until the peer leaves), ``"endless"`` (after ``data``,
+            ``data``), ``"reset"`` (RST after ``data``), ``"hang"`` (send nothing more,
+            discard what arrives, until the peer leaves), ``"endless"`` (after ``data``,
             write body bytes until the peer leaves; bounded at 256 MiB).
         early: answer as soon as the head is parsed, without waiting for the body (an
             app refusing an upload, catalogue SMUG-18/UPR-19); then the connection closes.
@@ -235,7 +235,7 @@ class RecordingUpstream:
                 if not (request.complete or reply.early):
                     break
                 answered += 1
-                if not await self._send(writer, reply):
+                if not await self._send(reader, writer, reply):
                     return
                 if reply.early:
                     connection.answered_early = True
@@ -253,7 +253,9 @@ class RecordingUpstream:
                 connection.parse_error = str(exc) or type(exc).__name__
                 return
 
-    async def _send(self, writer: asyncio.StreamWriter, reply: Reply) -> bool:
+    async def _send(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reply: Reply
+    ) -> bool:
         """Write ``reply``; False when the connection is to end."""
         writer.write(reply.data)
         await writer.drain()
@@ -266,7 +268,9 @@ class RecordingUpstream:
             writer.transport.abort()
             return False
         if reply.then == "hang":
-            await asyncio.sleep(3600)  # ended by the peer leaving or by stop()
+            # Answer nothing more, but notice the peer leaving (EOF or reset) or stop().
+            while await reader.read(65536):
+                pass
             return False
         if reply.then == "endless":
             sent = 0

@@ -232,6 +232,17 @@ def test_limits_zero_turns_the_miss_budget_off_and_defaults_are_on() -> None:
         load_config(yaml_text="limits: {budget: 1}", environ={})
 
 
+def test_connections_per_sandbox_defaults_to_1000_and_0_turns_it_off() -> None:
+    """limits.connections_per_sandbox: 1000 by default, 0 (off) accepted, negatives refused."""
+    assert load_config(environ={}).limits.connections_per_sandbox == 1000
+    off = load_config(yaml_text="limits: {connections_per_sandbox: 0}", environ={})
+    assert off.limits.connections_per_sandbox == 0
+    env = load_config(environ={"GATEWAY_LIMITS__CONNECTIONS_PER_SANDBOX": "5"})
+    assert env.limits.connections_per_sandbox == 5
+    with pytest.raises(ConfigError, match=r"limits\.connections_per_sandbox"):
+        load_config(yaml_text="limits: {connections_per_sandbox: -1}", environ={})
+
+
 def test_admin_token_in_the_file_is_refused() -> None:
     """The token is a secret: the file may not carry it, and the error says where it goes."""
     with pytest.raises(ConfigError, match=r"admin_token.*GATEWAY_ADMIN_TOKEN"):

@@ -21,6 +21,7 @@ from gateway.headers import (
     downstream_response_headers,
     is_valid_request_id,
     new_request_id,
+    relayable_reason,
     resolve_client,
     strip_hop_by_hop,
     upgrade_kind,
@@ -741,3 +742,13 @@ def test_module_is_pure() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("reason", "expected"),
+    [("Fine", "Fine"), ("I'm a teapot", "I'm a teapot"), ("", None), ("O\x01K", None),
+     ("a\r\nX: y", None), ("\x7f", None), ("x" * 513, None), ("caf\u00e9", None)],
+)  # fmt: skip
+def test_relayable_reason(reason: str, expected: str | None) -> None:
+    """Only printable ASCII reason phrases (512 characters at most) are copied."""
+    assert relayable_reason(reason) == expected
