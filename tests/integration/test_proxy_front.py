@@ -15,6 +15,7 @@ from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, running_gateway
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
 from tests.support.upstreams import Upstream
+from tests.support.waiting import wait_until
 
 SANDBOX = "frontaa01"
 LABEL = "fronta"
@@ -179,3 +180,21 @@ async def test_an_idle_keep_alive_connection_is_closed(
         await conn.send(request_bytes("GET", "/", [("Host", gateway.host(upstream.port, LABEL))]))
         _echoed(await conn.read_response())
         assert await conn.closed_by_peer(wait=5.0)
+
+
+async def test_a_head_split_inside_a_crlf_is_served_by_the_front(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A head whose segment ends between CR and LF is not mistaken for a bare CR."""
+    wire = request_bytes("GET", "/split", [("Host", host)])
+    cut = wire.index(b"\r\n") + 1
+    front = gateway.running.front
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(wire[:cut])
+        await wait_until(
+            lambda: any(c.buffered().endswith(b"\r") for c in front.connections),
+            what="the front holding the first segment",
+        )
+        await conn.send(wire[cut:])
+        assert _echoed(await conn.read_response())["path_qs"] == "/split"
+    assert front.handed_over == 0
