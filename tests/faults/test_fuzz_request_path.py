@@ -242,7 +242,11 @@ def test_raw_requests_get_an_answer_or_a_close(target: _Target, data: st.DataObj
         assert not reply.startswith((b"HTTP/1.1 500", b"HTTP/1.0 500")), f"500 for {raw!r}"
     else:
         _COUNTS["closed"] += 1
-    errors = [c.parse_error for c in target.mirror.connections if c.parse_error]
+    # "upgrade": httptools parsed a complete, valid upgrade request (a WebSocket handshake
+    # the gateway passed on) and stops there; that is no parse failure.
+    errors = [
+        c.parse_error for c in target.mirror.connections if c.parse_error not in (None, "upgrade")
+    ]
     assert not errors, f"the upstream could not parse what it got after {raw!r}: {errors}"
 
 

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 
 from tests.faults.figures import record
 from tests.support.gateway import DOMAIN, LOOPBACK_ARGS, ServeProcess, route_writer
-from tests.support.upstreams import Upstream, echo_app, start_upstream
+from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
 
 SOAK_SECONDS = float(os.environ.get("GATEWAY_TEST_SOAK_SECONDS", "120"))
@@ -73,15 +73,6 @@ def _fd_limit(pid: int) -> int:
         if line.startswith("Max open files"):
             return int(line.split()[3])
     raise AssertionError("no fd limit")
-
-
-@pytest_asyncio.fixture
-async def upstream() -> AsyncIterator[Upstream]:
-    server = await start_upstream("127.0.0.2", echo_app("soak"))
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 @pytest_asyncio.fixture
