@@ -1,15 +1,18 @@
-"""Limits (issue 9, point 4): a per-sandbox connection limit, big heads refused, health."""
+"""Limits (issue 9, point 4): per-sandbox connections, big heads, slow readers, health."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 import time
 
 import aiohttp
 
 from gateway.routing.store import RouteWriter
 from tests.faults.figures import record
-from tests.support.gateway import GatewayHandle
+from tests.soak.test_soak import _rss
+from tests.support.gateway import DOMAIN, GatewayHandle, ServeProcess, route_writer
 from tests.support.rawhttp import IncompleteBody, RawConnection, exchange, request_bytes
 from tests.support.upstreams import Upstream
 from tests.support.waiting import wait_until
@@ -99,3 +102,49 @@ async def test_many_headers_are_refused_cleanly(
     assert await _status_is(gateway, host, 200)
     assert await _healthy(gateway)
     record("large_heads", many_headers=outcomes["many"], huge_header=outcomes["huge"])
+
+
+async def test_slow_reader_keeps_the_gateway_memory_bounded(
+    served: ServeProcess, redis_url: str, upstream: Upstream
+) -> None:
+    """A client that reads nothing while the sandbox streams 256 MiB as fast as it can:
+    backpressure holds the gateway's RSS within 64 MiB of its baseline for 3 s, and its
+    /healthz answers meanwhile."""
+    size = 256 * 1024 * 1024
+    pid = served.pid
+    port = int(served.ready["listen"].rpartition(":")[2])
+    admin = "http://" + served.ready["admin"]
+    async with route_writer(redis_url) as writer:
+        await writer.create("slowrd01", address="127.0.0.2")
+        await writer.expose("slowrd01", upstream.port)
+    host = f"{upstream.port}-slowrd.{DOMAIN}"
+    assert (
+        await exchange("127.0.0.1", port, request_bytes("GET", "/", [("Host", host)]))
+    ).status == 200
+    baseline = _rss(pid)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    peak = baseline
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, request_bytes("GET", f"/bytes?size={size}", [("Host", host)])
+        )
+        async with aiohttp.ClientSession() as http:
+            for _ in range(15):  # bounded: 15 samples, 0.2 s apart (the measurement window)
+                peak = max(peak, _rss(pid))
+                async with http.get(
+                    admin + "/healthz", timeout=aiohttp.ClientTimeout(total=2)
+                ) as r:
+                    assert r.status == 200
+                await asyncio.sleep(0.2)
+        # The stream was really flowing (an error page would prove nothing).
+        async with asyncio.timeout(5):
+            head = await asyncio.get_running_loop().sock_recv(sock, 64)
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        sock.close()
+    growth = peak - baseline
+    assert growth < 64 * 1024 * 1024, f"the gateway grew {growth / 2**20:.1f} MiB"
+    record("slow_reader", streamed_mib=size // 2**20, rss_growth_mib=round(growth / 2**20, 1))
