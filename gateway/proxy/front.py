@@ -202,6 +202,8 @@ class FrontProtocol(asyncio.Protocol):
         if self._delegate is not None:
             return self._delegate.eof_received()
         self._eof = True
+        if self._body is not None:
+            self._body.end_of_input()
         # Keep the transport open for an answer in progress (a client may half-close
         # after its request); otherwise there is nothing more to do.
         return True if self.busy else None
@@ -510,7 +512,8 @@ class FrontProtocol(asyncio.Protocol):
 
 
 class _ClientStalled(Exception):
-    """The client sent no request body bytes for ``read_idle_seconds``."""
+    """The client sent no request body bytes for ``read_idle_seconds``, or half-closed
+    before the body was complete."""
 
 
 class _Body:
@@ -529,6 +532,7 @@ class _Body:
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
 
     def feed(self, data: bytes) -> bytes:
         take = data[: self.remaining]
@@ -543,6 +547,12 @@ class _Body:
                 self._waiter.set_result(None)
         return data[len(take) :]
 
+    def end_of_input(self) -> None:
+        """The client half-closed: a body still owed can never arrive."""
+        self._ended = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
     def __aiter__(self) -> _Body:
         return self
 
@@ -550,6 +560,8 @@ class _Body:
         while not self._chunks:
             if not self.remaining:
                 raise StopAsyncIteration
+            if self._ended:
+                raise _ClientStalled  # cut short: the sandbox must not get a short body
             waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(self._protocol.read_idle_seconds):

@@ -198,3 +198,15 @@ async def test_a_head_split_inside_a_crlf_is_served_by_the_front(
         await conn.send(wire[cut:])
         assert _echoed(await conn.read_response())["path_qs"] == "/split"
     assert front.handed_over == 0
+
+
+async def test_a_body_cut_short_by_a_half_close_ends_the_exchange(
+    gateway: GatewayHandle, host: str, upstream: Upstream
+) -> None:
+    """A client that half-closes mid-body is cut off at once; the sandbox gets no request
+    that looks complete."""
+    head = request_bytes("POST", "/cut", [("Host", host), ("Content-Length", "1000")])
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(head + b"x" * 10)
+        conn.writer.write_eof()
+        assert await conn.closed_by_peer(wait=5.0)
