@@ -40,6 +40,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 
 import httptools
+from aiohttp import web_protocol
 
 from gateway import errors, headers
 from gateway.headers import HeaderPairs
@@ -199,6 +200,12 @@ class FrontProtocol(asyncio.Protocol):
         self._next_request()
 
     def eof_received(self) -> bool | None:
+        if isinstance(self._delegate, web_protocol.RequestHandler):
+            # aiohttp ignores a half-close and lets the transport close at once, which
+            # loses the answer to the request just read; close() instead answers what
+            # it has and closes after.
+            self._delegate.close()
+            return True
         if self._delegate is not None:
             return self._delegate.eof_received()
         self._eof = True

@@ -210,3 +210,19 @@ async def test_a_body_cut_short_by_a_half_close_ends_the_exchange(
         await conn.send(head + b"x" * 10)
         conn.writer.write_eof()
         assert await conn.closed_by_peer(wait=5.0)
+
+
+async def test_a_half_closed_client_handed_to_aiohttp_still_gets_its_answer(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A chunked POST (aiohttp's) followed by a half-close is answered, then closed."""
+    post = request_bytes(
+        "POST", "/half-chunked", [("Host", host), ("Transfer-Encoding", "chunked")],
+        b"5\r\nhello\r\n0\r\n\r\n",
+    )  # fmt: skip
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(post)
+        conn.writer.write_eof()
+        raw = await conn.read_until_close()
+    assert raw.startswith(b"HTTP/1.1 200 ") and b'"/half-chunked"' in raw
+    assert gateway.running.front.handed_over == 1
