@@ -187,12 +187,17 @@ async def start_replica(stack: Stack, name: str) -> Gateway:
     )
 
 
-# The gateway runs on its defaults but for shutdown: no drain delay and a short grace, so
-# stopping a replica between measurements takes a moment, not the production 5 + 20 s.
-# Nothing measured happens during a drain.
+# The gateway runs on its defaults but for shutdown and the abuse limits. Shutdown: no
+# drain delay and a short grace, so stopping a replica between measurements takes a
+# moment, not the production 5 + 20 s; nothing measured happens during a drain. Limits:
+# the bench is one client and one sandbox, so the miss budget would answer the
+# propagation poller's expected 404s with 429 after 100, and the per-sandbox connection
+# limit (1000) would refuse the 8,000 idle WebSockets; both are off (0) here.
 _GATEWAY_SETTINGS = {
     "GATEWAY_SERVER__DRAIN_DELAY_SECONDS": "0",
     "GATEWAY_SERVER__DRAIN_GRACE_SECONDS": "2",
+    "GATEWAY_LIMITS__MISSES_PER_WINDOW": "0",
+    "GATEWAY_LIMITS__CONNECTIONS_PER_SANDBOX": "0",
 }
 
 

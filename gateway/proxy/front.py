@@ -200,11 +200,16 @@ class FrontProtocol(asyncio.Protocol):
         self._next_request()
 
     def eof_received(self) -> bool | None:
-        if isinstance(self._delegate, web_protocol.RequestHandler):
-            # aiohttp ignores a half-close and lets the transport close at once, which
-            # loses the answer to the request just read; close() instead answers what
-            # it has and closes after.
-            self._delegate.close()
+        delegate = self._delegate
+        # aiohttp ignores a half-close and lets the transport close at once, which loses
+        # the answer to an HTTP request just read; close() instead answers what it has
+        # and closes after. Not after an upgrade: a WebSocket's EOF means the client is
+        # gone, and only the transport closing tells aiohttp's reader so (aiohttp has no
+        # public flag for an upgraded connection).
+        if isinstance(delegate, web_protocol.RequestHandler) and not getattr(
+            delegate, "_upgraded", True
+        ):
+            delegate.close()
             return True
         if self._delegate is not None:
             return self._delegate.eof_received()

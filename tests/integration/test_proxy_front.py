@@ -226,3 +226,20 @@ async def test_a_half_closed_client_handed_to_aiohttp_still_gets_its_answer(
         raw = await conn.read_until_close()
     assert raw.startswith(b"HTTP/1.1 200 ") and b'"/half-chunked"' in raw
     assert gateway.running.front.handed_over == 1
+
+
+async def test_a_websocket_client_that_half_closes_is_let_go(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """After a 101, the client's EOF ends the connection (no half-open socket left)."""
+    upgrade = request_bytes(
+        "GET", "/ws",
+        [("Host", host), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")],
+    )  # fmt: skip
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(upgrade)
+        status, _, _, _ = await conn.read_head()
+        assert status == 101
+        conn.writer.write_eof()
+        assert await conn.closed_by_peer(wait=5.0)
