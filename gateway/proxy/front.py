@@ -404,23 +404,11 @@ class FrontProtocol(asyncio.Protocol):
         self, plan: RequestPlan, request: _Request, record: RequestRecord, keep_alive: bool
     ) -> bool:
         handler = self._front.handler
-        target = plan.target
-        pool = handler.pool
         head = request_head(request.method, plan.path, plan.upstream_headers)
-
-        async def stop(reason: str) -> None:
-            log.info("ending a stream to %s: %s", target.port, reason)
-            if self._transport is not None:
-                self._transport.abort()
-
-        label = record.label or ""
-        with (
-            handler.connections.hold(label, plan.connection_limit, port=target.port),
-            handler.sessions.track(label, target.port, target.incarnation, stop),
-        ):
+        with handler.forwarding(plan, record, self._transport):
             sent = time.monotonic()
-            upstream = await pool.request(
-                target, head, self._body, chunked=False, head_only=request.method == "HEAD"
+            upstream = await handler.pool.request(
+                plan.target, head, self._body, chunked=False, head_only=request.method == "HEAD"
             )
             record.upstream_seconds = time.monotonic() - sent
             try:

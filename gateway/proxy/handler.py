@@ -10,10 +10,11 @@ Every deliberate failure is an ``errors.EdgeError`` and is rendered in one place
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,7 +27,7 @@ from gateway.missbudget import MISS_CODES, MissBudget
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.connlimit import ConnectionLimiter, effective_limit
-from gateway.proxy.http import Answer, RequestPlan, abort_downstream, forward_http
+from gateway.proxy.http import Answer, RequestPlan, forward_http
 from gateway.proxy.sessions import ActiveSessions
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routing import model, rules
@@ -138,8 +139,8 @@ class EdgeHandler:
         cannot drift apart. Fills in ``record`` (host, client, label, port).
 
         Returns:
-            a ``RequestPlan`` with ``upgrade`` set for a WebSocket, or an ``Answer`` (the
-            health path).
+            a ``RequestPlan`` with ``websocket`` set for a WebSocket upgrade, or an
+            ``Answer`` (the health path).
 
         Raises:
             errors.EdgeError: the request is refused; render it with ``error_page``.
@@ -220,19 +221,31 @@ class EdgeHandler:
             return await self._websocket(request, decided, record)
         return await self._http(request, decided, record)
 
-    async def _http(
-        self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
-    ) -> web.StreamResponse:
-        async def stop(reason: str) -> None:
-            log.info("ending a stream to %s: %s", plan.target.port, reason)
-            abort_downstream(request)
-
+    @contextlib.contextmanager
+    def forwarding(
+        self, plan: RequestPlan, record: RequestRecord, transport: asyncio.Transport | None
+    ) -> Iterator[None]:
+        """For one HTTP exchange: hold a connection slot of the sandbox (or raise
+        ``errors.RateLimited``) and register the exchange, so a close, pause or terminate
+        ends it by resetting the client's ``transport``. Both fronts forward inside it."""
         target = plan.target
+
+        async def stop(reason: str) -> None:
+            log.info("ending a stream to %s: %s", target.port, reason)
+            if transport is not None:
+                transport.abort()
+
         label = record.label or ""
         with (
             self.connections.hold(label, plan.connection_limit, port=target.port),
             self.sessions.track(label, target.port, target.incarnation, stop),
         ):
+            yield
+
+    async def _http(
+        self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord
+    ) -> web.StreamResponse:
+        with self.forwarding(plan, record, request.transport):
             return await forward_http(
                 request, plan, pool=self._pool,
                 read_idle_seconds=self._settings.read_idle_seconds, record=record,
