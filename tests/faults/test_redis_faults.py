@@ -32,9 +32,7 @@ async def tcp_redis() -> AsyncIterator[RedisProcess]:
     try:
         yield server
     finally:
-        if server.running:
-            server.resume()  # a frozen server acts on SIGTERM only once thawed
-        await server.stop()
+        await server.stop()  # thaws a paused server first
 
 
 @pytest_asyncio.fixture

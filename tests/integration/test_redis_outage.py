@@ -33,9 +33,7 @@ async def private_redis() -> AsyncIterator[RedisProcess]:
     try:
         yield server
     finally:
-        if server.running:
-            server.resume()  # a frozen server acts on SIGTERM only once thawed
-        await server.stop()
+        await server.stop()  # thaws a paused server first
 
 
 @pytest_asyncio.fixture
