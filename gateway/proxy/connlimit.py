@@ -55,9 +55,8 @@ class ConnectionLimiter:
         else:
             self._open.pop(label, None)
 
-    @contextlib.contextmanager
-    def hold(self, label: str, limit: int, *, port: int | None = None) -> Iterator[None]:
-        """One slot for the duration of the ``with`` block.
+    def acquire(self, label: str, limit: int, *, port: int | None = None) -> None:
+        """``try_acquire``, or raise.
 
         Raises:
             errors.RateLimited: ``label`` already holds ``limit`` connections.
@@ -66,6 +65,11 @@ class ConnectionLimiter:
             raise errors.RateLimited(
                 f"sandbox {label} has {limit} connections open, its limit", label=label, port=port
             )
+
+    @contextlib.contextmanager
+    def hold(self, label: str, limit: int, *, port: int | None = None) -> Iterator[None]:
+        """One slot for the duration of the ``with`` block (raises as ``acquire``)."""
+        self.acquire(label, limit, port=port)
         try:
             yield
         finally:

@@ -28,7 +28,7 @@ from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.connlimit import ConnectionLimiter, effective_limit
 from gateway.proxy.http import Answer, RequestPlan, forward_http
-from gateway.proxy.sessions import ActiveSessions
+from gateway.proxy.sessions import ActiveSessions, Session, Stop
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routing import model, rules
 from gateway.routing.cache import Miss, RouteCache
@@ -52,6 +52,20 @@ class EdgeSettings:
     miss_window_seconds: float = 0.0
     # Default per-sandbox connection limit (gateway/proxy/connlimit.py); 0: none.
     connections_per_sandbox: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingPlan:
+    """A request whose route needs a lookup first (``EdgeHandler.plan_now``)."""
+
+    label: str
+    port: int
+    raw_path: str
+    request_headers: HeaderPairs
+    host: str
+    client: headers.ClientInfo
+    request_id: str
+    websocket: bool
 
 
 class EdgeHandler:
@@ -145,6 +159,21 @@ class EdgeHandler:
         Raises:
             errors.EdgeError: the request is refused; render it with ``error_page``.
         """
+        decided = self.plan_now(method, raw_path, request_headers, peer_ip, record)
+        if isinstance(decided, PendingPlan):
+            return self.finish_plan(decided, await self.lookup(decided.label))
+        return decided
+
+    def plan_now(
+        self,
+        method: str,
+        raw_path: str,
+        request_headers: HeaderPairs,
+        peer_ip: str,
+        record: RequestRecord,
+    ) -> RequestPlan | Answer | PendingPlan:
+        """``plan`` without waiting: a label the cache cannot answer now gives a
+        ``PendingPlan``; look its label up and pass both to ``finish_plan``."""
         host = _first(request_headers, "host")
         record.host = host or ""
         client = headers.resolve_client(
@@ -171,20 +200,32 @@ class EdgeHandler:
                 f"upgrade to {upgrade!r} is not supported; only WebSocket is",
                 label=target.label, port=target.port,
             )  # fmt: skip
+        pending = PendingPlan(
+            target.label, target.port, raw_path, request_headers, host or "", client,
+            record.request_id, upgrade == "websocket",
+        )  # fmt: skip
         sandbox = self._cache.fresh(target.label)
         if isinstance(sandbox, Miss):
-            sandbox = await self._cache.lookup(target.label)
-        upstream = model.resolve(sandbox, target.port, label=target.label)
-        self._check_dial(upstream, target.label)
+            return pending
+        return self.finish_plan(pending, sandbox)
+
+    def finish_plan(self, pending: PendingPlan, sandbox: model.Sandbox | None) -> RequestPlan:
+        """The plan of ``pending`` once its label's record (None: no such sandbox) is known.
+
+        Raises:
+            errors.EdgeError: the record does not route the request.
+        """
+        upstream = model.resolve(sandbox, pending.port, label=pending.label)
+        self._check_dial(upstream, pending.label)
         return RequestPlan(
             target=upstream,
-            path=_origin_form(raw_path),
+            path=_origin_form(pending.raw_path),
             upstream_headers=headers.upstream_request_headers(
-                request_headers, client=client, public_host=host or "",
-                request_id=record.request_id,
-                host_rewrite_port=target.port if upstream.host_rewrite else None,
+                pending.request_headers, client=pending.client, public_host=pending.host,
+                request_id=pending.request_id,
+                host_rewrite_port=pending.port if upstream.host_rewrite else None,
             ),
-            websocket=upgrade == "websocket",
+            websocket=pending.websocket,
             connection_limit=effective_limit(
                 sandbox.limits if sandbox else {}, self._settings.connections_per_sandbox
             ),
@@ -225,22 +266,40 @@ class EdgeHandler:
     def forwarding(
         self, plan: RequestPlan, record: RequestRecord, transport: asyncio.Transport | None
     ) -> Iterator[None]:
-        """For one HTTP exchange: hold a connection slot of the sandbox (or raise
-        ``errors.RateLimited``) and register the exchange, so a close, pause or terminate
-        ends it by resetting the client's ``transport``. Both fronts forward inside it."""
-        target = plan.target
+        """``hold_exchange`` .. ``release_exchange`` around a ``with`` block, ending the
+        exchange by resetting the client's ``transport``."""
 
         async def stop(reason: str) -> None:
-            log.info("ending a stream to %s: %s", target.port, reason)
+            log.info("ending a stream to %s: %s", plan.target.port, reason)
             if transport is not None:
                 transport.abort()
 
-        label = record.label or ""
-        with (
-            self.connections.hold(label, plan.connection_limit, port=target.port),
-            self.sessions.track(label, target.port, target.incarnation, stop),
-        ):
+        session = self.hold_exchange(plan, record, stop)
+        try:
             yield
+        finally:
+            self.release_exchange(session)
+
+    def hold_exchange(self, plan: RequestPlan, record: RequestRecord, stop: Stop) -> Session:
+        """For one HTTP exchange: hold a connection slot of the sandbox and register the
+        exchange, so a close, pause or terminate ends it (``stop``). Both fronts forward
+        between this and ``release_exchange``.
+
+        Raises:
+            errors.RateLimited: the sandbox holds its limit of connections.
+        """
+        target = plan.target
+        label = record.label or ""
+        self.connections.acquire(label, plan.connection_limit, port=target.port)
+        return self.sessions.add(Session(label, target.port, target.incarnation, stop))
+
+    def release_exchange(self, session: Session) -> None:
+        self.sessions.remove(session)
+        self.connections.release(session.label)
+
+    async def lookup(self, label: str) -> model.Sandbox | None:
+        """The record of ``label`` from Redis (through the cache), for ``finish_plan``."""
+        return await self._cache.lookup(label)
 
     async def _http(
         self, request: web.BaseRequest, plan: RequestPlan, record: RequestRecord

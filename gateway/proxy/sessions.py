@@ -42,16 +42,23 @@ class ActiveSessions:
         self, label: str, port: int, incarnation: str, stop: Stop, *, restart: Stop | None = None
     ) -> Iterator[Session]:
         """Register a session for the duration of the ``with`` block."""
-        session = Session(label, port, incarnation, stop, restart)
-        self._by_label.setdefault(label, set()).add(session)
+        session = self.add(Session(label, port, incarnation, stop, restart))
         try:
             yield session
         finally:
-            sessions = self._by_label.get(label)
-            if sessions is not None:
-                sessions.discard(session)
-                if not sessions:
-                    del self._by_label[label]
+            self.remove(session)
+
+    def add(self, session: Session) -> Session:
+        """Register ``session`` until ``remove`` (for callers that are not one block)."""
+        self._by_label.setdefault(session.label, set()).add(session)
+        return session
+
+    def remove(self, session: Session) -> None:
+        sessions = self._by_label.get(session.label)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._by_label[session.label]
 
     def labels(self) -> list[str]:
         return list(self._by_label)

@@ -1,9 +1,17 @@
 """The HTTP/1.1 client that talks to sandboxes: asyncio protocols + llhttp (httptools).
 
-The one module that knows how bytes reach a sandbox, behind a small interface:
-``UpstreamPool.request(target, head, body)`` returns an ``UpstreamResponse`` whose body is
-read with ``read_chunk()``. Socket and parser errors are translated into the gateway's
-``Upstream*`` errors here and nowhere else.
+The one module that knows how bytes reach a sandbox, behind a small interface with two
+ways of reading an answer:
+
+- awaiting: ``UpstreamPool.request(target, head, body)`` returns an ``UpstreamResponse``
+  once its head is in; its body is read with ``read_chunk()`` (aiohttp's path);
+- pushed: ``UpstreamPool.begin(target, consumer)`` / ``connect_and_begin`` bind a
+  response to a ``ResponseConsumer`` whose methods the connection calls as the answer
+  arrives, with no Task, future or coroutine per request (the front's path, where
+  those are most of a small request's cost: docs/performance.md).
+
+Socket and parser errors are translated into the gateway's ``Upstream*`` errors here and
+nowhere else.
 
 Why not aiohttp's ClientSession: for a proxy it adds headers, follows redirects, keeps a
 cookie jar, decompresses, retries non-replayable requests and costs most of the CPU of a
@@ -50,6 +58,27 @@ class UpstreamTimeouts:
     pool_idle_seconds: float
 
 
+class ResponseConsumer(typing.Protocol):
+    """Where a pushed ``UpstreamResponse`` reports, called from the connection's callbacks.
+
+    Contract: ``response_head`` once the final head is in (``status``, ``headers``);
+    then ``response_body`` per piece of body; then exactly one of ``response_end`` (the
+    body is complete; ``release()`` may be called from inside it) or
+    ``response_failed`` (also before the head). ``response_flush`` after each batch of
+    bytes from the sandbox has been parsed, so a consumer can write what one read
+    brought in one write. ``sandbox_write_paused``/``resumed`` follow the sandbox
+    socket's write buffer (request body flow control).
+    """
+
+    def response_head(self, response: UpstreamResponse) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_end(self, response: UpstreamResponse) -> None: ...
+    def response_failed(self, error: errors.EdgeError) -> None: ...
+    def response_flush(self) -> None: ...
+    def sandbox_write_paused(self) -> None: ...
+    def sandbox_write_resumed(self) -> None: ...
+
+
 class _HeadTooLarge(Exception):
     """Raised inside a parser callback: the response head passed MAX_RESPONSE_HEAD_BYTES."""
 
@@ -63,7 +92,11 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self._response: UpstreamResponse | None = None
+        # One parser for the connection's life: llhttp parses one response after
+        # another. Replaced only after a HEAD (llhttp would wait for the body its
+        # Content-Length announces).
         self._parser: httptools.HttpResponseParser | None = None
+        self._parser_spent = True
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._lost = asyncio.get_running_loop().create_future()
@@ -82,6 +115,8 @@ class _Connection(asyncio.Protocol):
             return
         try:
             self._parser.feed_data(data)
+            if response.consumer is not None:
+                response.consumer.response_flush()
         except httptools.HttpParserUpgrade:
             response._fail(errors.UpstreamProtocolError("the sandbox switched protocols"))
             self._abort()
@@ -106,9 +141,13 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._can_write.clear()
+        if self._response is not None and self._response.consumer is not None:
+            self._response.consumer.sandbox_write_paused()
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self._response is not None and self._response.consumer is not None:
+            self._response.consumer.sandbox_write_resumed()
 
     # httptools callbacks --------------------------------------------------------------
 
@@ -141,8 +180,6 @@ class _Connection(asyncio.Protocol):
         response = self._response
         assert response is not None
         response._feed(body)
-        if response._buffered > HIGH_WATER_BYTES and self.transport is not None:
-            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         response = self._response
@@ -153,8 +190,22 @@ class _Connection(asyncio.Protocol):
 
     def start(self, response: UpstreamResponse) -> None:
         self._response = response
-        self._parser = httptools.HttpResponseParser(self)
+        if self._parser_spent:
+            self._parser = httptools.HttpResponseParser(self)
+        self._parser_spent = response.no_body
         response._connection = self
+        response.reused = self.reused
+
+    def write_now(self, data: bytes) -> bool:
+        """Write without waiting; False if the connection is gone (nothing was sent)."""
+        if self.closed or self.transport is None:
+            return False
+        self.transport.write(data)
+        return True
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
 
     async def write(self, data: bytes, *, idle_seconds: float) -> None:
         if self.closed or self.transport is None:
@@ -174,9 +225,8 @@ class _Connection(asyncio.Protocol):
     def _finish_message(self, *, keep_alive_ok: bool) -> None:
         response = self._response
         assert response is not None
-        response._complete(keep_alive_ok and response.keep_alive)
         self._response = None
-        self._parser = None
+        response._complete(keep_alive_ok and response.keep_alive)
 
     def _on_gone(self, exc: Exception | None) -> None:
         self.closed = True
@@ -186,6 +236,7 @@ class _Connection(asyncio.Protocol):
 
     def _abort(self) -> None:
         self.closed = True
+        self._parser_spent = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -200,10 +251,20 @@ class UpstreamResponse:
     returns the connection to the pool (or closes it) and must be called exactly once.
     """
 
-    def __init__(self, pool: UpstreamPool, key: tuple[str, int], *, head_only: bool) -> None:
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        key: tuple[str, int],
+        *,
+        head_only: bool,
+        consumer: ResponseConsumer | None = None,
+    ) -> None:
+        """With a ``consumer``, the answer is pushed to it (see ``ResponseConsumer``) and
+        ``read_chunk`` is not used; without one, it is buffered for ``read_chunk``."""
         self._pool = pool
         self._key = key
         self._head_only = head_only
+        self.consumer = consumer
         self._connection: _Connection | None = None
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
@@ -212,13 +273,20 @@ class UpstreamResponse:
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: errors.EdgeError | None = None
-        self._head_ready = asyncio.get_running_loop().create_future()
-        self._continue = asyncio.Event()
+        # Only the awaiting way needs these two (a future and an event cost per request).
+        self._head_ready: asyncio.Future[None] | None = None
+        self._continue: asyncio.Event | None = None
+        if consumer is None:
+            self._head_ready = asyncio.get_running_loop().create_future()
+            self._continue = asyncio.Event()
         self.status = 0
         self.keep_alive = False
         self.complete = False
         self.got_bytes = False
         self.request_sent = False  # the whole request went out (else: never reuse)
+        # On a pooled connection: the sandbox may have closed it as the request went out
+        # (nothing processed; a bodiless request may be sent again on a new one).
+        self.reused = False
 
     @property
     def no_body(self) -> bool:
@@ -265,6 +333,19 @@ class UpstreamResponse:
             self._connection.resume_reading()
         return data
 
+    def write(self, data: bytes) -> bool:
+        """Send request bytes now (pushed way); False if the connection is gone."""
+        return self._connection is not None and self._connection.write_now(data)
+
+    def pause_reading(self) -> None:
+        """Stop reading the sandbox (pushed way: the client is not keeping up)."""
+        if self._connection is not None:
+            self._connection.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._connection is not None:
+            self._connection.resume_reading()
+
     async def iter_body(self, *, idle_seconds: float) -> AsyncIterator[bytes]:
         while chunk := await self.read_chunk(idle_seconds=idle_seconds):
             yield chunk
@@ -290,31 +371,47 @@ class UpstreamResponse:
         self._reason = b""
         self._raw_headers.clear()
         self._head_bytes = 0
-        if status == 100:
+        if status == 100 and self._continue is not None:
             self._continue.set()
 
     def _headers_done(self, status: int, keep_alive: bool) -> None:
         self.status = status
         self.keep_alive = keep_alive
         self.got_bytes = True
+        if self.consumer is not None:
+            self.consumer.response_head(self)
+            return
+        assert self._continue is not None and self._head_ready is not None
         self._continue.set()  # a final answer instead of 100: the body must not be sent
         if not self._head_ready.done():
             self._head_ready.set_result(None)
 
     def _feed(self, body: bytes) -> None:
+        if self.consumer is not None:
+            self.consumer.response_body(body)
+            return
         self._chunks.append(body)
         self._buffered += len(body)
+        if self._buffered > HIGH_WATER_BYTES:
+            self.pause_reading()
         self._wake()
 
     def _complete(self, keep_alive: bool) -> None:
         self.complete = True
         self.keep_alive = keep_alive
+        if self.consumer is not None:
+            self.consumer.response_end(self)
+            return
         self._wake()
 
     def _fail(self, error: errors.EdgeError) -> None:
-        if self.complete:
+        if self.complete or self._error is not None:
             return
         self._error = error
+        if self.consumer is not None:
+            self.consumer.response_failed(error)
+            return
+        assert self._continue is not None and self._head_ready is not None
         if not self._head_ready.done():
             self._head_ready.set_exception(error)
             self._head_ready.exception()  # retrieved here; re-raised by the awaiting request()
@@ -395,6 +492,8 @@ class UpstreamPool:
         key = (target.incarnation, target.port)
         connection = self._take_idle(key) or await self._connect(target)
         response = UpstreamResponse(self, key, head_only=head_only)
+        head_ready = response._head_ready
+        assert head_ready is not None
         connection.start(response)
         try:
             await connection.write(head, idle_seconds=self._timeouts.read_idle_seconds)
@@ -407,11 +506,10 @@ class UpstreamPool:
             # Awaited here rather than in a helper: one coroutine frame less to resume
             # on every request (docs/performance.md).
             timer = _fail_later(
-                response._head_ready, self._timeouts.response_seconds,
-                "the sandbox did not answer in time",
-            )  # fmt: skip
+                head_ready, self._timeouts.response_seconds, "the sandbox did not answer in time"
+            )
             try:
-                await response._head_ready
+                await head_ready
             finally:
                 timer.cancel()
         except errors.UpstreamProtocolError:
@@ -424,6 +522,34 @@ class UpstreamPool:
         except BaseException:
             response.release()
             raise
+        return response
+
+    def begin(
+        self, target: Upstream, consumer: ResponseConsumer, *, head_only: bool
+    ) -> UpstreamResponse | None:
+        """A pushed response on an idle pooled connection to ``target``, or None if
+        there is none (then ``connect_and_begin``). The caller writes the request with
+        ``response.write`` and times the answer itself."""
+        connection = self._take_idle((target.incarnation, target.port))
+        return None if connection is None else self._bind(connection, target, consumer, head_only)
+
+    async def connect_and_begin(
+        self, target: Upstream, consumer: ResponseConsumer, *, head_only: bool
+    ) -> UpstreamResponse:
+        """As ``begin``, on a new connection.
+
+        Raises:
+            errors.UpstreamRefused, errors.UpstreamTimeout.
+        """
+        connection = await self._connect(target)
+        return self._bind(connection, target, consumer, head_only)
+
+    def _bind(
+        self, connection: _Connection, target: Upstream, consumer: ResponseConsumer, head_only: bool
+    ) -> UpstreamResponse:
+        key = (target.incarnation, target.port)
+        response = UpstreamResponse(self, key, head_only=head_only, consumer=consumer)
+        connection.start(response)
         return response
 
     @property
@@ -460,6 +586,7 @@ class UpstreamPool:
         sender = asyncio.get_running_loop().create_task(
             self._send_body(connection, response, body, chunked, expect_continue)
         )
+        assert response._head_ready is not None
         try:
             await asyncio.wait((sender, response._head_ready), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -485,7 +612,7 @@ class UpstreamPool:
         expect_continue: bool,
     ) -> None:
         idle = self._timeouts.read_idle_seconds
-        if expect_continue:
+        if expect_continue and response._continue is not None:
             # Servers may ignore Expect; RFC 9110 section 10.1.1 lets a client go ahead
             # after a while without the 100.
             with contextlib.suppress(TimeoutError):

@@ -3,9 +3,10 @@ itself, what it hands to aiohttp, and that a connection survives the hand-over."
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import pytest_asyncio
@@ -37,6 +38,36 @@ async def test_pipelined_requests_are_answered_in_order_one_each(
         paths = [_echoed(await conn.read_response())["path_qs"] for _ in range(3)]
     assert paths == ["/p0", "/p1", "/p2"]
     assert gateway.running.front.handed_over == 0
+
+
+async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_task(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """After the first request (lookup, connect), the next ones run in callbacks only."""
+    loop = asyncio.get_running_loop()
+    started: list[str] = []
+
+    def counting(
+        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
+    ) -> asyncio.Task[Any]:
+        started.append(getattr(coro, "__qualname__", ""))
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    previous = loop.get_task_factory()
+    loop.set_task_factory(counting)
+    try:
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(request_bytes("GET", "/first", [("Host", host)]))
+            assert _echoed(await conn.read_response())["path_qs"] == "/first"
+            first = [name for name in started if name.startswith("Exchange.")]
+            started.clear()
+            for i in range(5):
+                await conn.send(request_bytes("GET", f"/next{i}", [("Host", host)]))
+                assert _echoed(await conn.read_response())["path_qs"] == f"/next{i}"
+    finally:
+        loop.set_task_factory(previous)
+    assert first, "the first request waited for nothing: the test proves nothing"
+    assert [name for name in started if name.startswith("Exchange.")] == []
 
 
 async def test_a_chunked_body_hands_the_connection_to_aiohttp_mid_stream(

@@ -1,0 +1,511 @@
+"""One request the front serves: planned, then answered or forwarded, driven by callbacks.
+
+The common request (its route in the cache, an idle pooled connection to the sandbox)
+runs from the two sockets' callbacks alone: the client's head arrives, the request goes
+out on the sandbox connection, the sandbox's answer is relayed as each read arrives, and
+the exchange ends inside the callback that brought the last byte. No Task, future or
+coroutine is made for it: on a small request those cost as much as everything else the
+gateway does (docs/performance.md). Only what must wait (a Redis lookup, a new connection
+to the sandbox) runs in a Task, which hands back to the callbacks when it is done.
+
+States: PLANNING -> SENDING (a request body) -> WAITING (for the answer's head) ->
+STREAMING (the answer's body) -> done. Before the head goes out, a failure is one of the
+gateway's own answers (``EdgeHandler.error_page``); after it, the only honest signal is
+a reset of the client's connection (never a short complete answer).
+
+Flow control in both directions: a client that sends faster than the sandbox reads is
+paused while the sandbox socket's write buffer is full; a sandbox that sends faster than
+the client reads is paused while the client socket's is. Memory stays bounded by the two
+socket buffers.
+
+Timeouts: one timer per exchange. WAITING: ``response_seconds`` for the head. SENDING and
+STREAMING: ``read_idle_seconds`` without progress (a stalled client, or a sandbox that
+stopped reading or sending: flow control turns a side that stopped reading into one
+that makes no progress). No total timeout on streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import functools
+import logging
+import time
+import typing
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from gateway import errors, headers
+from gateway.headers import HeaderPairs
+from gateway.proxy.accounting import RequestRecord
+from gateway.proxy.handler import EdgeHandler, PendingPlan
+from gateway.proxy.http import Answer, RequestPlan, request_head
+from gateway.proxy.pages import Page
+from gateway.proxy.sessions import Session
+from gateway.proxy.upstream import UpstreamResponse
+from gateway.routing.model import Sandbox
+
+log = logging.getLogger("gateway.front")
+
+# Request body bytes held for a sandbox not connected yet, before the client is paused.
+BODY_HIGH_WATER_BYTES = 256 * 1024
+_NO_BODY_STATUSES = frozenset((204, 304))
+_T = typing.TypeVar("_T")
+_PLANNING, _SENDING, _WAITING, _STREAMING, _DONE = range(5)
+
+
+class Client(typing.Protocol):
+    """What an exchange needs of the client connection it serves (``FrontProtocol``)."""
+
+    transport: asyncio.Transport | None
+    peer_ip: str
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def exchange_done(self, record: RequestRecord, keep_alive: bool) -> None:
+        """The exchange is over; serve the next request or close (``keep_alive``)."""
+
+
+class Request:
+    """A request head the front serves itself."""
+
+    __slots__ = ("body_length", "headers", "http10", "keep_alive", "method", "path")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        request_headers: HeaderPairs,
+        *,
+        body_length: int,
+        keep_alive: bool,
+        http10: bool,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.headers = request_headers
+        self.body_length = body_length  # Content-Length; 0 for none
+        self.keep_alive = keep_alive
+        self.http10 = http10
+
+
+class Exchange:
+    """One request on a front connection; see the module docstring.
+
+    Contract: made for a request whose head is in, then ``start()``. The client
+    connection passes on the request body (``request_body``), its EOF, its loss and its
+    write flow control; the exchange calls ``Client.exchange_done`` exactly once.
+    """
+
+    __slots__ = (
+        "_body_pending", "_body_remaining", "_chunked", "_client", "_client_held",
+        "_client_paused", "_handler", "_head", "_head_sent", "_keep_alive", "_last_progress",
+        "_loop", "_out", "_plan", "_read_idle", "_record", "_request", "_sandbox_paused",
+        "_sent_at", "_session", "_state", "_task", "_timer", "_upstream",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        client: Client,
+        handler: EdgeHandler,
+        request: Request,
+        *,
+        read_idle_seconds: float,
+    ) -> None:
+        self._client = client
+        self._handler = handler
+        self._request = request
+        self._record = handler.new_record(
+            request.method, request.path, request.headers, client.peer_ip
+        )
+        self._keep_alive = request.keep_alive
+        self._read_idle = read_idle_seconds
+        self._loop = asyncio.get_running_loop()
+        self._state = _PLANNING
+        self._body_remaining = request.body_length
+        self._body_pending: list[bytes] = []
+        self._plan: RequestPlan | None = None
+        self._session: Session | None = None
+        self._upstream: UpstreamResponse | None = None
+        self._head = b""
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_progress = 0.0
+        self._sent_at = 0.0
+        self._out: list[bytes] = []
+        self._chunked = False
+        self._head_sent = False
+        self._sandbox_paused = False
+        self._client_paused = False
+        self._client_held = False
+
+    # Driven by the front --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Plan the request and answer or forward it (now, or after a lookup)."""
+        request = self._request
+        try:
+            decided = self._handler.plan_now(
+                request.method, request.path, request.headers, self._client.peer_ip,
+                self._record,
+            )  # fmt: skip
+            if isinstance(decided, PendingPlan):
+                looking_up = self._handler.lookup(decided.label)
+                forward = functools.partial(self._forward_after_lookup, decided)
+                self._task = self._loop.create_task(self._after(looking_up, forward))
+            elif isinstance(decided, Answer):
+                self._answer(decided)
+            else:
+                self._forward(decided)
+        except errors.EdgeError as exc:
+            self._refuse(exc)
+        except Exception:
+            self._crashed()
+
+    def request_body(self, data: bytes) -> bytes:
+        """Take the body bytes in ``data``; return what follows the body (pipelined)."""
+        take = data[: self._body_remaining]
+        if take:
+            self._body_remaining -= len(take)
+            self._record.bytes_in += len(take)
+            self._last_progress = self._loop.time()
+            if self._state == _SENDING:
+                self._send_body(take)
+            elif self._state == _PLANNING:
+                self._body_pending.append(take)
+                if sum(map(len, self._body_pending)) > BODY_HIGH_WATER_BYTES:
+                    self._hold_client()
+            # else: the sandbox answered before the whole body came; the rest is dropped
+        return data[len(take) :]
+
+    @property
+    def wants_body(self) -> bool:
+        return self._body_remaining > 0
+
+    def client_eof(self) -> None:
+        """The client half-closed: a body still owed can never arrive."""
+        if self._body_remaining and self._state != _DONE:
+            self._client_stalled()
+
+    def client_lost(self) -> None:
+        if self._state == _DONE:
+            return
+        if self._task is not None:
+            self._task.cancel()  # the client went away: so does the sandbox request
+        if self._record.outcome == "ok":
+            self._record.outcome = "client_gone"
+        self._done(keep_alive=False)
+
+    def client_write_paused(self) -> None:
+        self._client_paused = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def client_write_resumed(self) -> None:
+        self._client_paused = False
+        self._last_progress = self._loop.time()
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    async def stop(self, reason: str) -> None:
+        """End the exchange by resetting the client (its route closed or moved)."""
+        log.info("ending a stream to %s: %s", self._record.port, reason)
+        self._abort_client()
+
+    # ResponseConsumer: called from the sandbox connection's callbacks ---------------
+
+    def response_head(self, response: UpstreamResponse) -> None:
+        record = self._record
+        record.upstream_seconds = time.monotonic() - self._sent_at
+        record.status = response.status
+        request = self._request
+        relayed = headers.downstream_response_headers(response.headers, public_host=record.host)
+        no_body = request.method == "HEAD" or response.status in _NO_BODY_STATUSES
+        framed = no_body or any(n.lower() == "content-length" for n, _ in relayed)
+        # Without a length, an HTTP/1.1 client gets chunks; an HTTP/1.0 one gets the body
+        # up to the close (it can't read chunks).
+        self._chunked = not framed and not request.http10
+        if not framed and request.http10:
+            self._keep_alive = False
+        tail = [] if any(n.lower() == "date" for n, _ in relayed) else [b"Date: " + _http_date()]
+        tail.append(b"X-Request-Id: " + record.request_id.encode("ascii"))
+        if self._chunked:
+            tail.append(b"Transfer-Encoding: chunked")
+        if connection := _connection_line(self._keep_alive, request.http10):
+            tail.append(connection)
+        # A sandbox's reason phrase with control bytes is not copied (catalogue UPR-05).
+        reason = headers.relayable_reason(response.reason)
+        self._out.append(
+            _response_head(response.status, reason.encode("latin-1") if reason else None,
+                           relayed, tail)
+        )  # fmt: skip
+        self._head_sent = True
+        self._state = _STREAMING
+        now = self._last_progress = self._loop.time()
+        # The head's timer stays if it fires before the idle limit: it then moves on to
+        # the last progress (one timer per request, not one per state).
+        if self._timer is None or self._timer.when() > now + self._read_idle:
+            self._arm(self._read_idle)
+
+    def response_body(self, data: bytes) -> None:
+        self._record.bytes_out += len(data)
+        self._out.append(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    def response_flush(self) -> None:
+        if self._out and self._state == _STREAMING:
+            self._last_progress = self._loop.time()
+            self._write_out()
+
+    def response_end(self, response: UpstreamResponse) -> None:
+        if self._chunked:
+            self._out.append(b"0\r\n\r\n")
+        self._write_out()
+        self._upstream = None
+        response.release()
+        self._done(self._keep_alive)
+
+    def response_failed(self, error: errors.EdgeError) -> None:
+        if self._state == _DONE:
+            return
+        upstream = self._drop_upstream()
+        if self._head_sent:
+            self._record.aborted(error.code)
+            self._abort_client()
+            self._done(keep_alive=False)
+        elif (
+            isinstance(error, errors.UpstreamProtocolError)
+            and upstream is not None
+            and upstream.reused
+            and not upstream.got_bytes
+            and not self._request.body_length
+        ):
+            # The sandbox closed an idle keep-alive connection just as we reused it;
+            # nothing was processed, so a bodiless request is safe to send again.
+            self._state = _PLANNING
+            self._connect()
+        else:
+            self._refuse(error)
+
+    def sandbox_write_paused(self) -> None:
+        self._sandbox_paused = True
+        self._hold_client()
+
+    def sandbox_write_resumed(self) -> None:
+        self._sandbox_paused = False
+        self._last_progress = self._loop.time()
+        self._release_client()
+
+    # Private methods ------------------------------------------------------------------
+
+    async def _after(self, waiting: Awaitable[_T], then: Callable[[_T], None]) -> None:
+        """The one Task of an exchange that must wait: ``then(await waiting)``."""
+        try:
+            result = await waiting
+            self._task = None
+            then(result)
+        except errors.EdgeError as exc:
+            self._refuse(exc)
+        except Exception:
+            self._crashed()
+
+    def _forward_after_lookup(self, pending: PendingPlan, sandbox: Sandbox | None) -> None:
+        self._forward(self._handler.finish_plan(pending, sandbox))
+
+    def _forward(self, plan: RequestPlan) -> None:
+        self._plan = plan
+        self._session = self._handler.hold_exchange(plan, self._record, self.stop)
+        request = self._request
+        self._head = request_head(request.method, plan.path, plan.upstream_headers)
+        self._connect()
+
+    def _connect(self) -> None:
+        """Send the request on a pooled connection, or on a new one (in a Task)."""
+        plan = self._plan
+        assert plan is not None
+        head_only = self._request.method == "HEAD"
+        pool = self._handler.pool
+        upstream = pool.begin(plan.target, self, head_only=head_only)
+        if upstream is None:
+            connecting = pool.connect_and_begin(plan.target, self, head_only=head_only)
+            self._task = self._loop.create_task(self._after(connecting, self._send))
+        else:
+            self._send(upstream)
+
+    def _send(self, upstream: UpstreamResponse) -> None:
+        self._upstream = upstream
+        self._sent_at = time.monotonic()
+        if not upstream.write(self._head):
+            self.response_failed(errors.UpstreamProtocolError("the sandbox closed the connection"))
+            return
+        pending, self._body_pending = self._body_pending, []
+        if self._body_remaining or pending:
+            self._state = _SENDING
+            self._last_progress = self._loop.time()
+            self._arm(self._read_idle)
+            self._release_client()
+            for chunk in pending:
+                self._send_body(chunk)
+        else:
+            self._sent()
+
+    def _send_body(self, chunk: bytes) -> None:
+        upstream = self._upstream
+        assert upstream is not None
+        upstream.write(chunk)
+        if not self._body_remaining and self._state == _SENDING:
+            self._sent()
+
+    def _sent(self) -> None:
+        """The whole request is out: wait for the answer."""
+        assert self._upstream is not None
+        self._upstream.request_sent = True
+        self._state = _WAITING
+        self._arm(self._handler.pool.timeouts.response_seconds)
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(self._loop.time() + seconds, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        state = self._state
+        if state == _WAITING:
+            self.response_failed(errors.UpstreamTimeout("the sandbox did not answer in time"))
+            return
+        if state not in (_SENDING, _STREAMING):
+            return
+        # Progress only notes the time; the timer moves on to the last progress.
+        due = self._last_progress + self._read_idle
+        if due > self._loop.time():
+            self._timer = self._loop.call_at(due, self._on_timer)
+        elif state == _SENDING and not self._sandbox_paused:
+            self._client_stalled()
+        elif state == _SENDING:
+            self.response_failed(errors.UpstreamTimeout("the sandbox stopped reading the body"))
+        elif self._client_paused:
+            self.response_failed(errors.UpstreamTimeout("the client stopped reading the answer"))
+        else:
+            self.response_failed(errors.UpstreamTimeout("the sandbox stopped sending the body"))
+
+    def _hold_client(self) -> None:
+        """Stop reading the client until ``_release_client`` (its body waits)."""
+        if not self._client_held:
+            self._client_held = True
+            self._client.pause_reading()
+
+    def _release_client(self) -> None:
+        if self._client_held:
+            self._client_held = False
+            self._client.resume_reading()
+
+    def _write_out(self) -> None:
+        out = self._out
+        transport = self._client.transport
+        if transport is not None and out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+
+    def _answer(self, answer: Answer) -> None:
+        """Send one of the gateway's own answers."""
+        request = self._request
+        tail = [b"Content-Length: %d" % len(answer.body), b"Date: " + _http_date()]
+        if connection := _connection_line(self._keep_alive, request.http10):
+            tail.append(connection)
+        body = b"" if request.method == "HEAD" else answer.body
+        if self._client.transport is not None:
+            head = _response_head(answer.status, None, answer.headers, tail)
+            self._client.transport.write(head + body)
+        self._done(self._keep_alive)
+
+    def _refuse(self, error: errors.EdgeError) -> None:
+        if self._state == _DONE:
+            return
+        self._drop_upstream()
+        page = self._handler.error_page(error, self._record, self._request.headers)
+        self._answer(_page_answer(page))
+
+    def _client_stalled(self) -> None:
+        """No request body byte for ``read_idle_seconds``, or a half-close before the
+        body was complete: the sandbox must not get a short body."""
+        self._record.outcome = "client_gone"
+        self._abort_client()
+        self._done(keep_alive=False)
+
+    def _crashed(self) -> None:
+        log.exception("request %s failed", self._record.request_id)
+        self._abort_client()
+        self._done(keep_alive=False)
+
+    def _abort_client(self) -> None:
+        if self._client.transport is not None:
+            self._client.transport.abort()
+
+    def _drop_upstream(self) -> UpstreamResponse | None:
+        """Let go of the sandbox connection (an unfinished one is closed, never pooled)."""
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            upstream.release()
+        return upstream
+
+    def _done(self, keep_alive: bool) -> None:
+        if self._state == _DONE:
+            return
+        self._state = _DONE
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._drop_upstream()
+        if self._session is not None:
+            self._handler.release_exchange(self._session)
+            self._session = None
+        # An answer before the whole body arrived (a 413, say): the rest of the body is
+        # still on the wire, so the connection can't carry another request.
+        self._client.exchange_done(self._record, keep_alive and not self._body_remaining)
+
+
+def _response_head(
+    status: int, reason: bytes | None, header_pairs: HeaderPairs, tail: list[bytes]
+) -> bytes:
+    """A status line (the standard reason when ``reason`` is None), the headers, and the
+    already encoded ``tail`` lines."""
+    lines = [b"HTTP/1.1 %d %s" % (status, _reason(status) if reason is None else reason)]
+    lines += [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in header_pairs]
+    lines += tail
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def _connection_line(keep_alive: bool, http10: bool) -> bytes | None:
+    """What ``Connection`` must say, as aiohttp says it: nothing for HTTP/1.1 keep-alive."""
+    if not keep_alive:
+        return b"Connection: close"
+    return b"Connection: keep-alive" if http10 else None
+
+
+def _page_answer(page: Page) -> Answer:
+    return Answer(page.status, page.headers, page.body)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class _DateHeader:
+    """The Date header value, formatted once a second (RFC 9110 section 5.6.7)."""
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+_http_date = _DateHeader()
