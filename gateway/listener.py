@@ -117,6 +117,7 @@ class Listener:
         connection = self._by_transport.get(transport) if transport is not None else None
         if connection is not None:
             connection.in_request = True
+            connection._started += 1
             connection.disarm()
 
     def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
@@ -135,6 +136,7 @@ class _Connection(asyncio.Protocol):
         self._proxy_buffer: bytes | None = None
         self._counted = False
         self.in_request = False
+        self._started = 0  # requests whose head was complete (request_started)
 
     # asyncio.Protocol -----------------------------------------------------------------
 
@@ -163,9 +165,16 @@ class _Connection(asyncio.Protocol):
             return
         if self._inner is None:
             return
-        if not self.in_request and self._timer is None:
-            self._arm(self._listener.policy.header_timeout_seconds)
+        if self.in_request or self._timer is not None:
+            self._inner.data_received(data)
+            return
+        # The first bytes of a request. The timer is armed after they are handled, and
+        # only if no request started meanwhile: a whole head in one read (the common
+        # case) then costs no timer at all.
+        started = self._started
         self._inner.data_received(data)
+        if self._started == started and not self.in_request and self._timer is None:
+            self._arm(self._listener.policy.header_timeout_seconds)
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None

@@ -150,6 +150,9 @@ class FrontProtocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._delegate: asyncio.Protocol | None = None
         self._exchange: Exchange | None = None
+        # Keep-alive idleness: the time the connection went idle (None: it is not), and
+        # a timer that moves on to it rather than being re-armed on every request.
+        self._idle_since: float | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._eof = False
@@ -169,7 +172,7 @@ class FrontProtocol(asyncio.Protocol):
         if self._delegate is not None:
             self._delegate.data_received(data)
             return
-        self._cancel_idle_timer()
+        self._idle_since = None
         exchange = self._exchange
         if exchange is not None and exchange.wants_body:
             data = exchange.request_body(data)
@@ -265,9 +268,12 @@ class FrontProtocol(asyncio.Protocol):
         elif self._eof:
             transport.close()
         else:
-            self._idle_timer = asyncio.get_running_loop().call_later(
-                self._front.keepalive_idle_seconds, self._close_idle
-            )
+            loop = asyncio.get_running_loop()
+            self._idle_since = loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_at(
+                    self._idle_since + self._front.keepalive_idle_seconds, self._close_if_still_idle
+                )
 
     # Requests -------------------------------------------------------------------------
 
@@ -343,9 +349,16 @@ class FrontProtocol(asyncio.Protocol):
         if not self.busy and self._delegate is None and transport and not transport.is_closing():
             self._next_request()
 
-    def _close_idle(self) -> None:
+    def _close_if_still_idle(self) -> None:
         self._idle_timer = None
-        if not self.busy and self.transport is not None:
+        since = self._idle_since
+        if since is None or self.busy or self.transport is None:
+            return  # in use again: the next idle moment arms a new timer
+        loop = asyncio.get_running_loop()
+        due = since + self._front.keepalive_idle_seconds
+        if due > loop.time():
+            self._idle_timer = loop.call_at(due, self._close_if_still_idle)
+        else:
             self.transport.close()
 
     def _cancel_idle_timer(self) -> None:

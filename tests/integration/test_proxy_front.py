@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest_asyncio
@@ -47,9 +47,7 @@ async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_ta
     loop = asyncio.get_running_loop()
     started: list[str] = []
 
-    def counting(
-        loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], **kwargs: Any
-    ) -> asyncio.Task[Any]:
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
         started.append(getattr(coro, "__qualname__", ""))
         return asyncio.Task(coro, loop=loop, **kwargs)
 
@@ -210,6 +208,22 @@ async def test_an_idle_keep_alive_connection_is_closed(
     async with RawConnection.open("127.0.0.1", gateway.port) as conn:
         await conn.send(request_bytes("GET", "/", [("Host", gateway.host(upstream.port, LABEL))]))
         _echoed(await conn.read_response())
+        assert await conn.closed_by_peer(wait=5.0)
+
+
+async def test_a_connection_in_use_past_the_idle_limit_stays_open(
+    short_idle_gateway: GatewayHandle, writer: RouteWriter, upstream: Upstream
+) -> None:
+    """Requests 0.1 s apart for three idle limits (0.3 s): one connection answers all."""
+    gateway = short_idle_gateway
+    await writer.create(SANDBOX, address="127.0.0.2")
+    await writer.expose(SANDBOX, upstream.port)
+    host = gateway.host(upstream.port, LABEL)
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        for i in range(9):
+            await conn.send(request_bytes("GET", f"/r{i}", [("Host", host)]))
+            assert _echoed(await conn.read_response())["path_qs"] == f"/r{i}"
+            await asyncio.sleep(0.1)  # the gap between requests, below the idle limit
         assert await conn.closed_by_peer(wait=5.0)
 
 
