@@ -42,6 +42,9 @@ from gateway.proxy.handler import EdgeHandler
 # A head longer than this goes to aiohttp, which applies its own field limits (16 KiB a
 # line) and answers 431/400 itself; also the most buffered while a request is served.
 MAX_HEAD_BYTES = 16 * 1024
+# An answer's bytes the client's socket buffer may hold before the sandbox is paused:
+# above a read of the sandbox (256 KiB), so a stream is not paused on every read.
+WRITE_HIGH_WATER_BYTES = 512 * 1024
 
 
 class _Head:
@@ -163,6 +166,7 @@ class FrontProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio.Transport, but implement it.
         self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer_ip = str(peer[0])

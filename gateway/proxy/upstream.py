@@ -45,6 +45,9 @@ HIGH_WATER_BYTES = 256 * 1024
 # reason to buffer without end (the listener allows 16 KiB per request field).
 MAX_RESPONSE_HEAD_BYTES = 256 * 1024
 LOW_WATER_BYTES = 64 * 1024
+# Request body bytes the sandbox socket's buffer may hold before the client is paused:
+# above one read of the client (256 KiB), so an upload is not paused on every read.
+WRITE_HIGH_WATER_BYTES = 512 * 1024
 _CONNECT_RETRY_STEP_SECONDS = 0.05
 EXPECT_CONTINUE_WAIT_SECONDS = 1.0
 
@@ -97,6 +100,8 @@ class _Connection(asyncio.Protocol):
         # Content-Length announces).
         self._parser: httptools.HttpResponseParser | None = None
         self._parser_spent = True
+        # Body bytes of the current (pushed) response still to come past the parser.
+        self._body_left = 0
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._lost = asyncio.get_running_loop().create_future()
@@ -106,6 +111,7 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports don't subclass asyncio.Transport, but implement it.
         self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER_BYTES)
 
     def data_received(self, data: bytes) -> None:
         response = self._response
@@ -113,10 +119,18 @@ class _Connection(asyncio.Protocol):
             # Bytes with no request outstanding: the sandbox broke HTTP; never reuse.
             self._abort()
             return
+        consumer = response.consumer
+        if self._body_left:
+            self._pass_body(response, data)
+            return
         try:
             self._parser.feed_data(data)
-            if response.consumer is not None:
-                response.consumer.response_flush()
+            if consumer is not None:
+                consumer.response_flush()
+                length = response._content_length() if not response.complete else 0
+                if length and response.status >= 200:
+                    self._body_left = length - response.body_received
+                    self._parser_spent = True  # llhttp still counts that body: never reuse it
         except httptools.HttpParserUpgrade:
             response._fail(errors.UpstreamProtocolError("the sandbox switched protocols"))
             self._abort()
@@ -128,6 +142,25 @@ class _Connection(asyncio.Protocol):
                 message = f"the sandbox broke HTTP: {exc}"
             response._fail(errors.UpstreamProtocolError(message))
             self._abort()
+
+    def _pass_body(self, response: UpstreamResponse, data: bytes) -> None:
+        """The rest of a Content-Length body, pushed without the parser: after the first
+        read, only a count is needed to find its end (and no copy of every chunk)."""
+        consumer = response.consumer
+        assert consumer is not None
+        left = self._body_left
+        if len(data) < left:
+            self._body_left = left - len(data)
+            response.body_received += len(data)
+            consumer.response_body(data)
+            consumer.response_flush()
+            return
+        self._body_left = 0
+        response.body_received += left
+        consumer.response_body(data[:left] if len(data) > left else data)
+        self._finish_message(keep_alive_ok=True)
+        if len(data) > left:
+            self._abort()  # bytes past the body, with no request outstanding
 
     def eof_received(self) -> bool | None:
         self._on_gone(None)
@@ -282,6 +315,7 @@ class UpstreamResponse:
         self.status = 0
         self.keep_alive = False
         self.complete = False
+        self.body_received = 0
         self.got_bytes = False
         self.request_sent = False  # the whole request went out (else: never reuse)
         # On a pooled connection: the sandbox may have closed it as the request went out
@@ -387,6 +421,7 @@ class UpstreamResponse:
             self._head_ready.set_result(None)
 
     def _feed(self, body: bytes) -> None:
+        self.body_received += len(body)
         if self.consumer is not None:
             self.consumer.response_body(body)
             return
@@ -424,6 +459,18 @@ class UpstreamResponse:
             return
         detail = f": {exc}" if exc else ""
         self._fail(errors.UpstreamProtocolError(f"the sandbox closed the connection{detail}"))
+
+    def _content_length(self) -> int:
+        """The Content-Length of a response without chunked framing, else 0 (llhttp has
+        refused duplicates and non-digits; a chunked body is always parsed)."""
+        length = 0
+        for name, value in self._raw_headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                return 0
+            if lower == b"content-length":
+                length = int(value)
+        return length
 
     def _raw_headers_expect_more(self) -> bool:
         # A response with neither Content-Length nor chunked framing ends at close.

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, running_gateway
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
-from tests.support.upstreams import Upstream
+from tests.support.upstreams import Upstream, expected_sha256
 from tests.support.waiting import wait_until
 
 SANDBOX = "frontaa01"
@@ -66,6 +66,23 @@ async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_ta
         loop.set_task_factory(previous)
     assert first, "the first request waited for nothing: the test proves nothing"
     assert [name for name in started if name.startswith("Exchange.")] == []
+
+
+async def test_a_length_body_in_many_reads_leaves_the_sandbox_connection_reusable(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A Content-Length body arriving in many reads (relayed past the parser) is intact,
+    and the next request on the same pooled sandbox connection is parsed afresh."""
+    size = 300_000
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", f"/bytes?size={size}&interval_ms=5", [("Host", host)]))
+        streamed = await conn.read_response()
+        await conn.send(request_bytes("GET", "/after", [("Host", host)]))
+        after = _echoed(await conn.read_response())
+    assert streamed.status == 200 and len(streamed.body) == size
+    assert hashlib.sha256(streamed.body).hexdigest() == expected_sha256(size)
+    assert after["path_qs"] == "/after"
+    assert gateway.running.handler.pool.idle_count() == 1  # one connection, used twice
 
 
 async def test_a_chunked_body_hands_the_connection_to_aiohttp_mid_stream(
