@@ -122,6 +122,11 @@ class ClientInfo:
 # --------------------------------------------------------------------------------------
 
 
+def first_value(headers: HeaderPairs, name: str) -> str | None:
+    """The first value of header ``name`` (lowercase), as aiohttp's ``headers.get``."""
+    return next((v for n, v in headers if n.lower() == name), None)
+
+
 def connection_listed(headers: HeaderPairs) -> frozenset[str]:
     """The lowercase header names listed in every ``Connection``/``Proxy-Connection`` value.
 

@@ -43,6 +43,7 @@ from gateway.proxy.http import Answer, RequestPlan, request_head
 from gateway.proxy.pages import Page
 from gateway.proxy.sessions import Session
 from gateway.proxy.upstream import UpstreamResponse
+from gateway.proxy.wssplice import WebSocketSplice
 from gateway.routing.model import Sandbox
 
 log = logging.getLogger("gateway.front")
@@ -51,7 +52,7 @@ log = logging.getLogger("gateway.front")
 BODY_HIGH_WATER_BYTES = 256 * 1024
 _NO_BODY_STATUSES = frozenset((204, 304))
 _T = typing.TypeVar("_T")
-_PLANNING, _SENDING, _WAITING, _STREAMING, _DONE = range(5)
+_PLANNING, _SENDING, _WAITING, _STREAMING, _UPGRADED, _DONE = range(6)
 
 
 class Client(typing.Protocol):
@@ -62,6 +63,9 @@ class Client(typing.Protocol):
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+    def switch_to(self, protocol: asyncio.Protocol) -> None:
+        """The connection is a WebSocket now: its bytes go to ``protocol``."""
+
     def exchange_done(self, record: RequestRecord, keep_alive: bool) -> None:
         """The exchange is over; serve the next request or close (``keep_alive``)."""
 
@@ -101,7 +105,7 @@ class Exchange:
         "_body_pending", "_body_remaining", "_chunked", "_client", "_client_held",
         "_client_paused", "_handler", "_head", "_head_sent", "_keep_alive", "_last_progress",
         "_loop", "_out", "_plan", "_read_idle", "_record", "_request", "_sandbox_paused",
-        "_sent_at", "_session", "_state", "_task", "_timer", "_upstream",
+        "_sent_at", "_session", "_splice", "_state", "_task", "_timer", "_upstream",
     )  # fmt: skip
 
     def __init__(
@@ -127,6 +131,7 @@ class Exchange:
         self._plan: RequestPlan | None = None
         self._session: Session | None = None
         self._upstream: UpstreamResponse | None = None
+        self._splice: WebSocketSplice | None = None
         self._head = b""
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -295,6 +300,47 @@ class Exchange:
         self._last_progress = self._loop.time()
         self._release_client()
 
+    # wssplice.Owner: the WebSocket splice's calls ----------------------------------
+
+    def refuse(self, error: errors.EdgeError) -> None:
+        self._refuse(error)
+
+    def answer_and_close(self, answer: Answer) -> None:
+        self._record.status = answer.status
+        self._keep_alive = False
+        self._answer(answer)
+
+    def upgraded(self, head: bytes, protocol: asyncio.Protocol) -> None:
+        self._state = _UPGRADED
+        self._record.status = 101
+        self.write_client(head)
+        self._client.switch_to(protocol)
+
+    def websocket_ended(self, *, closed: bool, bytes_in: int, bytes_out: int) -> None:
+        record = self._record
+        # A session that ended with a close frame to the client ended normally, even if
+        # the client's connection dropped right after.
+        record.closed = closed
+        record.bytes_in, record.bytes_out = bytes_in, bytes_out
+        self._done(keep_alive=False)
+
+    def abort_client(self) -> None:
+        self._abort_client()
+
+    def pause_client(self) -> None:
+        self._client.pause_reading()
+
+    def resume_client(self) -> None:
+        self._client.resume_reading()
+
+    def write_client(self, data: bytes) -> None:
+        if self._client.transport is not None:
+            self._client.transport.write(data)
+
+    def close_client(self) -> None:
+        if self._client.transport is not None:
+            self._client.transport.close()
+
     # Private methods ------------------------------------------------------------------
 
     async def _after(self, waiting: Awaitable[_T], then: Callable[[_T], None]) -> None:
@@ -313,10 +359,28 @@ class Exchange:
 
     def _forward(self, plan: RequestPlan) -> None:
         self._plan = plan
+        if plan.websocket:
+            self._open_websocket(plan)
+            return
         self._session = self._handler.hold_exchange(plan, self._record, self.stop)
         request = self._request
         self._head = request_head(request.method, plan.path, plan.upstream_headers)
         self._connect()
+
+    def _open_websocket(self, plan: RequestPlan) -> None:
+        record = self._record
+        record.kind = "websocket"
+        splice = WebSocketSplice(
+            self, plan, self._request.headers, pool=self._handler.pool,
+            request_id=record.request_id, public_host=record.host,
+            max_message_bytes=self._handler.websocket_max_message_bytes,
+        )  # fmt: skip
+        # Held from before the sandbox connect to the end of the session.
+        self._session = self._handler.hold_exchange(
+            plan, record, splice.close_going_away, restart=splice.close_for_restart
+        )
+        self._splice = splice
+        splice.start()
 
     def _connect(self) -> None:
         """Send the request on a pooled connection, or on a new one (in a Task)."""
@@ -456,6 +520,8 @@ class Exchange:
             self._timer.cancel()
             self._timer = None
         self._drop_upstream()
+        if self._splice is not None:
+            self._splice.abandon()
         if self._session is not None:
             self._handler.release_exchange(self._session)
             self._session = None

@@ -7,10 +7,11 @@ and hands everything else to aiohttp, so there is one implementation of each har
 
 - A request head (up to the first CRLF CRLF, at most ``MAX_HEAD_BYTES``) is parsed with
   httptools (llhttp, the parser under aiohttp too). It is served here when it is
-  complete or has a plain ``Content-Length`` body (no ``Transfer-Encoding``),
-  asks for no upgrade, expects no ``100 Continue``, says HTTP/1.0 or HTTP/1.1, and every
-  line ends in CRLF.
-- Anything else (a body, a WebSocket or other upgrade, a head the strict parser refuses,
+  complete or has a plain ``Content-Length`` body (no ``Transfer-Encoding``), expects
+  no ``100 Continue``, says HTTP/1.0 or HTTP/1.1, and every line ends in CRLF; an
+  upgrade only if it is a well-formed WebSocket handshake (``gateway.proxy.wssplice``
+  takes the connection over after the 101).
+- Anything else (a chunked body, another upgrade, a head the strict parser refuses,
   bare CR or LF, an oversized head, more than ``max_headers`` fields) hands the
   connection to aiohttp's ``RequestHandler`` for the rest of its life: the bytes from the
   start of that request on are replayed into it, so aiohttp answers exactly as it would
@@ -35,6 +36,7 @@ from collections.abc import Callable
 import httptools
 from aiohttp import web_protocol
 
+from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
 from gateway.proxy.exchange import Exchange, Request
 from gateway.proxy.handler import EdgeHandler
@@ -50,7 +52,10 @@ WRITE_HIGH_WATER_BYTES = 512 * 1024
 class _Head:
     """What httptools found in one request head (filled in by its callbacks)."""
 
-    __slots__ = ("complete", "connection", "length", "max_headers", "raw", "refuse", "url")
+    __slots__ = (
+        "complete", "connection", "length", "max_headers", "raw", "refuse", "upgrade", "url",
+        "ws_keys", "ws_version",
+    )  # fmt: skip
 
     def __init__(self, max_headers: int) -> None:
         self.max_headers = max_headers
@@ -60,6 +65,9 @@ class _Head:
         self.complete = False
         self.refuse = False  # a header that only aiohttp's path handles
         self.connection: set[bytes] = set()  # the tokens of Connection, lowercase
+        self.upgrade = False  # llhttp saw an upgrade (Upgrade + Connection: upgrade)
+        self.ws_keys: list[bytes] = []  # Sec-WebSocket-Key values
+        self.ws_version: list[bytes] = []  # Sec-WebSocket-Version values
 
     def keep_alive(self, http10: bool) -> bool:
         """RFC 9112 section 9.3. Not llhttp's ``should_keep_alive``: that one also
@@ -73,7 +81,7 @@ class _Head:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lower = name.lower()
-        if lower in (b"transfer-encoding", b"upgrade", b"expect") or (
+        if lower in (b"transfer-encoding", b"expect") or (
             # A second Host: aiohttp refuses it (catalogue HOST-02); llhttp does not.
             lower == b"host" and any(n.lower() == b"host" for n, _ in self.raw)
         ):
@@ -86,12 +94,25 @@ class _Head:
                 self.refuse = True  # odd but parseable lengths: aiohttp's call
         elif lower == b"connection":
             self.connection.update(t.strip().lower() for t in value.split(b","))
+        elif lower == b"sec-websocket-key":
+            self.ws_keys.append(value)
+        elif lower == b"sec-websocket-version":
+            self.ws_version.append(value)
         self.raw.append((name, value))
         if len(self.raw) > self.max_headers:
             self.refuse = True  # aiohttp refuses it with the same limit
 
     def on_message_complete(self) -> None:
         self.complete = True
+
+    def is_websocket_handshake(self, method: bytes, version: str) -> bool:
+        """A WebSocket opening handshake the splice can take (RFC 6455 section 4.2.1);
+        any other upgrade, or a malformed one, is aiohttp's to answer."""
+        return (
+            method == b"GET" and version == "1.1" and not self.length
+            and len(self.ws_keys) == 1 and self.ws_version == [b"13"]
+            and wsframes.is_valid_key(self.ws_keys[0].decode("latin-1"))
+        )  # fmt: skip
 
 
 class Front:
@@ -248,6 +269,16 @@ class FrontProtocol(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
 
+    def switch_to(self, protocol: asyncio.Protocol) -> None:
+        """A WebSocket now: every byte from here on (buffered ones first) is ``protocol``'s."""
+        self._delegate = protocol
+        data, self._buffer = bytes(self._buffer), bytearray()
+        self.resume_reading()
+        if data:
+            protocol.data_received(data)
+        if self._eof:
+            protocol.eof_received()
+
     def exchange_done(self, record: RequestRecord, keep_alive: bool) -> None:
         """The request is answered (or abandoned): account, then the next one or close."""
         record.finish()
@@ -298,9 +329,13 @@ class FrontProtocol(asyncio.Protocol):
         parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            parsed.refuse = True  # aiohttp's path answers upgrades and malformed requests
+        except httptools.HttpParserUpgrade:
+            parsed.upgrade = parsed.complete = True
+        except httptools.HttpParserError:
+            parsed.refuse = True  # aiohttp's path answers malformed requests
         version = parser.get_http_version()
+        if parsed.upgrade and not parsed.is_websocket_handshake(parser.get_method(), version):
+            parsed.refuse = True  # h2c and other upgrades: aiohttp's path refuses them
         if (
             parsed.refuse
             or not (parsed.complete or parsed.length)

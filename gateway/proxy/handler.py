@@ -128,6 +128,10 @@ class EdgeHandler:
     def pool(self) -> UpstreamPool:
         return self._pool
 
+    @property
+    def websocket_max_message_bytes(self) -> int:
+        return self._settings.websocket_max_message_bytes
+
     # Private methods ------------------------------------------------------------------
 
     def new_record(
@@ -174,7 +178,7 @@ class EdgeHandler:
     ) -> RequestPlan | Answer | PendingPlan:
         """``plan`` without waiting: a label the cache cannot answer now gives a
         ``PendingPlan``; look its label up and pass both to ``finish_plan``."""
-        host = _first(request_headers, "host")
+        host = headers.first_value(request_headers, "host")
         record.host = host or ""
         client = headers.resolve_client(
             peer_ip, request_headers, trusted_networks=self._settings.trusted_networks
@@ -280,9 +284,12 @@ class EdgeHandler:
         finally:
             self.release_exchange(session)
 
-    def hold_exchange(self, plan: RequestPlan, record: RequestRecord, stop: Stop) -> Session:
+    def hold_exchange(
+        self, plan: RequestPlan, record: RequestRecord, stop: Stop, *, restart: Stop | None = None
+    ) -> Session:
         """For one HTTP exchange: hold a connection slot of the sandbox and register the
-        exchange, so a close, pause or terminate ends it (``stop``). Both fronts forward
+        exchange, so a close, pause or terminate ends it (``stop``; a WebSocket's
+        ``restart`` asks its client to reconnect, in a drain). Both fronts forward
         between this and ``release_exchange``.
 
         Raises:
@@ -291,7 +298,7 @@ class EdgeHandler:
         target = plan.target
         label = record.label or ""
         self.connections.acquire(label, plan.connection_limit, port=target.port)
-        return self.sessions.add(Session(label, target.port, target.incarnation, stop))
+        return self.sessions.add(Session(label, target.port, target.incarnation, stop, restart))
 
     def release_exchange(self, session: Session) -> None:
         self.sessions.remove(session)
@@ -404,11 +411,6 @@ def _text_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     return [
         (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in raw
     ]
-
-
-def _first(request_headers: HeaderPairs, name: str) -> str | None:
-    """The first value of header ``name`` (lowercase), as aiohttp's ``headers.get``."""
-    return next((v for n, v in request_headers if n.lower() == name), None)
 
 
 def _answer_response(answer: Answer, request: web.BaseRequest) -> web.Response:

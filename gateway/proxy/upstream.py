@@ -502,6 +502,9 @@ def _expire(future: asyncio.Future[None], message: str) -> None:
         future.set_exception(errors.UpstreamTimeout(message))
 
 
+_P = typing.TypeVar("_P", bound=asyncio.BaseProtocol)
+
+
 class UpstreamPool:
     """Connections to sandboxes, pooled per (incarnation, port)."""
 
@@ -679,6 +682,15 @@ class UpstreamPool:
         response.request_sent = True
 
     async def _connect(self, target: Upstream) -> _Connection:
+        return await self.connect(target, _Connection)
+
+    async def connect(self, target: Upstream, protocol: Callable[[], _P]) -> _P:
+        """A new TCP connection to ``target`` with ``protocol``, never pooled (the
+        WebSocket splice's; the pool's own go through here too).
+
+        Raises:
+            errors.UpstreamRefused, errors.UpstreamTimeout.
+        """
         loop = asyncio.get_running_loop()
         deadline = time.monotonic() + self._timeouts.connect_retry_window_seconds
         while True:
@@ -686,7 +698,7 @@ class UpstreamPool:
                 started = time.monotonic()
                 async with asyncio.timeout(self._timeouts.connect_seconds):
                     _, connection = await loop.create_connection(
-                        _Connection, target.address, target.port
+                        protocol, target.address, target.port
                     )
                 if self._observe_connect is not None:
                     self._observe_connect(time.monotonic() - started)

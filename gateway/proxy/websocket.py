@@ -28,10 +28,9 @@ from yarl import URL
 from gateway import errors
 from gateway.headers import downstream_response_headers
 from gateway.proxy.accounting import RequestRecord
+from gateway.proxy.wsframes import GOING_AWAY, SERVICE_RESTART, close_reason, wire_code
 from gateway.routing.model import Upstream
 
-GOING_AWAY = 1001
-SERVICE_RESTART = 1012
 MAX_HEADER_FIELD_BYTES = 16 * 1024
 _AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 # After the client side ended, how long the sandbox side may take to finish closing.
@@ -135,15 +134,6 @@ async def _refuse_redirect(
     answer = _Redirected(response.status, list(response.headers.items()))
     response.close()
     raise answer
-
-
-def wire_code(code: int | None) -> int:
-    """A close code that may be sent: absent -> 1000; 1005/1006/1015 -> 1011 or 1000."""
-    if code is None or code in (0, 1005):
-        return 1000
-    if code in (1006, 1015):
-        return 1011
-    return code
 
 
 async def open_sandbox_socket(
@@ -357,11 +347,6 @@ async def _close_both(session: WebSocketSession, code: int, reason: bytes) -> No
     close answer may take a moment)."""
     await _close_client(session, code, reason)
     await _close_sandbox(session, code, reason)
-
-
-def close_reason(reason: str) -> bytes:
-    """``reason`` cut to fit a close frame (125 bytes with the code), on a UTF-8 boundary."""
-    return reason.encode()[:123].decode("utf-8", "ignore").encode()
 
 
 def _as_bytes(data: object) -> bytes:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest_asyncio
 import redis.asyncio as aioredis
+import websockets
 
 from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, running_gateway
@@ -305,3 +306,41 @@ async def test_a_websocket_client_that_half_closes_is_let_go(
         assert status == 101
         conn.writer.write_eof()
         assert await conn.closed_by_peer(wait=5.0)
+    assert gateway.running.front.handed_over == 0  # the front's splice, not aiohttp
+
+
+async def test_an_upgrade_the_splice_does_not_take_is_answered_by_aiohttp(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A WebSocket handshake without a key, and an h2c upgrade: aiohttp's 400s."""
+    odd = [
+        [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Version", "13")],
+        [("Upgrade", "h2c"), ("Connection", "Upgrade, HTTP2-Settings"), ("HTTP2-Settings", "")],
+    ]
+    for extra in odd:
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(request_bytes("GET", "/ws", [("Host", host), *extra]))
+            response = await conn.read_response(keep_interim=True)
+        assert response.status == 400, extra
+    assert gateway.running.front.handed_over == 2
+
+
+async def test_a_websocket_message_the_sandbox_refuses_brings_its_1009_back(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """8 MiB to an echo that takes 4 MiB: the sandbox closes with 1009 and resets the
+    connection over the unread rest; its close still reaches the client, every time."""
+    codes = []
+    for _ in range(3):
+        async with websockets.connect(
+            f"ws://{host}/ws", host="127.0.0.1", port=gateway.port, proxy=None,
+            max_size=None, open_timeout=5, close_timeout=5,
+        ) as ws:  # fmt: skip
+            await ws.send(bytes(8 * 1024 * 1024))
+            try:
+                async with asyncio.timeout(10):
+                    while True:
+                        await ws.recv()
+            except websockets.ConnectionClosed as closed:
+                codes.append(closed.rcvd.code if closed.rcvd else None)
+    assert codes == [1009, 1009, 1009]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.proxy.websocket import aiohttp_message_limit, close_reason, wire_code
+from gateway.proxy.websocket import aiohttp_message_limit
+from gateway.proxy.wsframes import close_reason, wire_code
 
 
 @pytest.mark.parametrize(
