@@ -175,13 +175,17 @@ def downstream_response_headers(headers: HeaderPairs, *, public_host: str) -> li
     Everything else is untouched and in order, duplicates (``Set-Cookie``) included. An
     empty ``public_host`` removes every ``Domain`` attribute.
     """
-    host = _canonical_cookie_host(public_host)
+    host: str | None = None  # worked out at the first Set-Cookie (most answers have none)
     out = []
     for name, value in strip_hop_by_hop(headers):
         key = name.lower()
         if key == _GATEWAY_ERROR_KEY:
             continue
-        out.append((name, _scope_cookie(value, host) if key == "set-cookie" else value))
+        if key == "set-cookie":
+            host = _canonical_cookie_host(public_host) if host is None else host
+            out.append((name, _scope_cookie(value, host)))
+        else:
+            out.append((name, value))
     return out
 
 
@@ -320,7 +324,7 @@ def upstream_request_headers(
     *,
     client: ClientInfo,
     public_host: str,
-    request_id: str,
+    request_id: str | None,
     host_rewrite_port: int | None = None,
 ) -> list[tuple[str, str]]:
     """The headers to send to the sandbox for a client request with ``headers``.
@@ -337,7 +341,7 @@ def upstream_request_headers(
     - ``X-Forwarded-Port``: the port in ``public_host``, else 443 (https) or 80 (http);
     - ``Forwarded``: ``for=...;host=...;proto=...`` (RFC 7239);
     - ``X-Request-Id``: ``request_id`` (the caller decides whether to adopt a trusted
-      incoming one, see ``is_valid_request_id``).
+      incoming one, see ``trusted_request_id``); None leaves it for the caller to add.
     """
     listed = connection_listed(headers)
     out = [
@@ -359,8 +363,9 @@ def upstream_request_headers(
         ("X-Forwarded-Host", public_host),
         ("X-Forwarded-Port", _port_of(public_host, client.proto)),
         ("Forwarded", _forwarded(client, public_host)),
-        (REQUEST_ID, request_id),
     ]
+    if request_id is not None:
+        out.append((REQUEST_ID, request_id))
     return out
 
 
@@ -441,18 +446,18 @@ def is_valid_request_id(value: str) -> bool:
     return _REQUEST_ID_RE.fullmatch(value) is not None
 
 
-def request_id_for(
+def trusted_request_id(
     headers: HeaderPairs, peer_ip: str, *, trusted_networks: Sequence[Network]
-) -> str:
-    """The id of a request: a trusted proxy's well-formed X-Request-Id is kept (one id end
-    to end); any other client's is ignored, and a fresh one minted."""
+) -> str | None:
+    """A trusted proxy's well-formed X-Request-Id, to keep (one id end to end); None for
+    any other client's, which is ignored (the caller mints ``new_request_id``)."""
     if trusted_networks:
         incoming = next((v for n, v in headers if n.lower() == "x-request-id"), None)
         if incoming is not None and is_valid_request_id(incoming):
             peer = _parse_ip(peer_ip)
             if peer is not None and _is_trusted(peer[0], trusted_networks):
                 return incoming
-    return new_request_id()
+    return None
 
 
 def wants_html(headers: HeaderPairs) -> bool:

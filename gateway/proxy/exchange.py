@@ -18,10 +18,10 @@ paused while the sandbox socket's write buffer is full; a sandbox that sends fas
 the client reads is paused while the client socket's is. Memory stays bounded by the two
 socket buffers.
 
-Timeouts: one timer per exchange. WAITING: ``response_seconds`` for the head. SENDING and
-STREAMING: ``read_idle_seconds`` without progress (a stalled client, or a sandbox that
-stopped reading or sending: flow control turns a side that stopped reading into one
-that makes no progress). No total timeout on streams.
+Timeouts: one timer per connection (``Watchdog``). WAITING: ``response_seconds`` for the
+head. SENDING and STREAMING: ``read_idle_seconds`` without progress (a stalled client,
+or a sandbox that stopped reading or sending: flow control turns a side that stopped
+reading into one that makes no progress). No total timeout on streams.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from http import HTTPStatus
 from gateway import errors, headers
 from gateway.headers import HeaderPairs
 from gateway.proxy.accounting import RequestRecord
-from gateway.proxy.handler import EdgeHandler, PendingPlan
+from gateway.proxy.handler import EdgeHandler, HeadFacts, PendingPlan
 from gateway.proxy.http import Answer, RequestPlan, request_head
 from gateway.proxy.pages import Page
 from gateway.proxy.sessions import Session
@@ -73,13 +73,13 @@ class Client(typing.Protocol):
 class Request:
     """A request head the front serves itself."""
 
-    __slots__ = ("body_length", "headers", "http10", "keep_alive", "method", "path")
+    __slots__ = ("body_length", "facts", "headers", "http10", "keep_alive", "method", "path")
 
     def __init__(
         self,
         method: str,
         path: str,
-        request_headers: HeaderPairs,
+        facts: HeadFacts,
         *,
         body_length: int,
         keep_alive: bool,
@@ -87,10 +87,51 @@ class Request:
     ) -> None:
         self.method = method
         self.path = path
-        self.headers = request_headers
+        self.facts = facts  # what its header fields decide (shared by equal heads)
+        self.headers: HeaderPairs = facts.request_headers
         self.body_length = body_length  # Content-Length; 0 for none
         self.keep_alive = keep_alive
         self.http10 = http10
+
+
+class Watchdog:
+    """The deadline timer of one client connection, shared by its exchanges in turn.
+
+    A timer armed and cancelled for every request showed as one of the largest costs
+    of a small request; this one is armed once, and when it fires before the deadline of
+    the exchange then in progress (a later request's), it moves on to that deadline.
+    """
+
+    __slots__ = ("_exchange", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._exchange: Exchange | None = None
+
+    def watch(self, exchange: Exchange, due: float) -> None:
+        """Call ``exchange.on_deadline()`` at ``due`` or earlier."""
+        self._exchange = exchange
+        timer = self._timer
+        if timer is None or timer.when() > due:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._fire)
+
+    def forget(self, exchange: Exchange) -> None:
+        if self._exchange is exchange:
+            self._exchange = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fire(self) -> None:
+        self._timer = None
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.on_deadline()
 
 
 class Exchange:
@@ -103,9 +144,10 @@ class Exchange:
 
     __slots__ = (
         "_body_pending", "_body_remaining", "_chunked", "_client", "_client_held",
-        "_client_paused", "_handler", "_head", "_head_sent", "_keep_alive", "_last_progress",
-        "_loop", "_out", "_plan", "_read_idle", "_record", "_request", "_sandbox_paused",
-        "_sent_at", "_session", "_splice", "_state", "_task", "_timer", "_upstream",
+        "_client_paused", "_due", "_handler", "_head", "_head_sent", "_keep_alive",
+        "_last_progress", "_loop", "_out", "_plan", "_read_idle", "_record", "_request",
+        "_sandbox_paused", "_sent_at", "_session", "_splice", "_state", "_task", "_upstream",
+        "_watchdog",
     )  # fmt: skip
 
     def __init__(
@@ -115,13 +157,12 @@ class Exchange:
         request: Request,
         *,
         read_idle_seconds: float,
+        watchdog: Watchdog,
     ) -> None:
         self._client = client
         self._handler = handler
         self._request = request
-        self._record = handler.new_record(
-            request.method, request.path, request.headers, client.peer_ip
-        )
+        self._record = handler.new_record(request.method, request.path, request.facts)
         self._keep_alive = request.keep_alive
         self._read_idle = read_idle_seconds
         self._loop = asyncio.get_running_loop()
@@ -134,7 +175,8 @@ class Exchange:
         self._splice: WebSocketSplice | None = None
         self._head = b""
         self._task: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._watchdog = watchdog
+        self._due = 0.0  # WAITING: when the answer's head is overdue
         self._last_progress = 0.0
         self._sent_at = 0.0
         self._out: list[bytes] = []
@@ -151,9 +193,8 @@ class Exchange:
         request = self._request
         try:
             decided = self._handler.plan_now(
-                request.method, request.path, request.headers, self._client.peer_ip,
-                self._record,
-            )  # fmt: skip
+                request.method, request.path, request.facts, self._record
+            )
             if isinstance(decided, PendingPlan):
                 looking_up = self._handler.lookup(decided.label)
                 forward = functools.partial(self._forward_after_lookup, decided)
@@ -225,14 +266,18 @@ class Exchange:
         record.status = response.status
         request = self._request
         relayed = headers.downstream_response_headers(response.headers, public_host=record.host)
-        no_body = request.method == "HEAD" or response.status in _NO_BODY_STATUSES
-        framed = no_body or any(n.lower() == "content-length" for n, _ in relayed)
+        has_length = has_date = False
+        for name, _ in relayed:
+            lower = name.lower()
+            has_length = has_length or lower == "content-length"
+            has_date = has_date or lower == "date"
+        framed = has_length or request.method == "HEAD" or response.status in _NO_BODY_STATUSES
         # Without a length, an HTTP/1.1 client gets chunks; an HTTP/1.0 one gets the body
         # up to the close (it can't read chunks).
         self._chunked = not framed and not request.http10
         if not framed and request.http10:
             self._keep_alive = False
-        tail = [] if any(n.lower() == "date" for n, _ in relayed) else [b"Date: " + _http_date()]
+        tail = [] if has_date else [b"Date: " + _http_date()]
         tail.append(b"X-Request-Id: " + record.request_id.encode("ascii"))
         if self._chunked:
             tail.append(b"Transfer-Encoding: chunked")
@@ -246,11 +291,8 @@ class Exchange:
         )  # fmt: skip
         self._head_sent = True
         self._state = _STREAMING
-        now = self._last_progress = self._loop.time()
-        # The head's timer stays if it fires before the idle limit: it then moves on to
-        # the last progress (one timer per request, not one per state).
-        if self._timer is None or self._timer.when() > now + self._read_idle:
-            self._arm(self._read_idle)
+        self._last_progress = self._loop.time()
+        self._arm(self._read_idle)
 
     def response_body(self, data: bytes) -> None:
         self._record.bytes_out += len(data)
@@ -427,22 +469,26 @@ class Exchange:
         self._arm(self._handler.pool.timeouts.response_seconds)
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._loop.time() + seconds, self._on_timer)
+        """Be woken (``on_deadline``) no later than ``seconds`` from now."""
+        self._due = self._loop.time() + seconds
+        self._watchdog.watch(self, self._due)
 
-    def _on_timer(self) -> None:
-        self._timer = None
+    def on_deadline(self) -> None:
+        """The watchdog's call: time out if the current state's limit has passed."""
         state = self._state
+        now = self._loop.time()
         if state == _WAITING:
-            self.response_failed(errors.UpstreamTimeout("the sandbox did not answer in time"))
+            if now < self._due:
+                self._watchdog.watch(self, self._due)
+            else:
+                self.response_failed(errors.UpstreamTimeout("the sandbox did not answer in time"))
             return
         if state not in (_SENDING, _STREAMING):
             return
-        # Progress only notes the time; the timer moves on to the last progress.
+        # Progress only notes the time; the deadline moves on to the last progress.
         due = self._last_progress + self._read_idle
-        if due > self._loop.time():
-            self._timer = self._loop.call_at(due, self._on_timer)
+        if due > now:
+            self._watchdog.watch(self, due)
         elif state == _SENDING and not self._sandbox_paused:
             self._client_stalled()
         elif state == _SENDING:
@@ -516,9 +562,7 @@ class Exchange:
         if self._state == _DONE:
             return
         self._state = _DONE
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watchdog.forget(self)
         self._drop_upstream()
         if self._splice is not None:
             self._splice.abandon()
@@ -534,11 +578,14 @@ def _response_head(
     status: int, reason: bytes | None, header_pairs: HeaderPairs, tail: list[bytes]
 ) -> bytes:
     """A status line (the standard reason when ``reason`` is None), the headers, and the
-    already encoded ``tail`` lines."""
-    lines = [b"HTTP/1.1 %d %s" % (status, _reason(status) if reason is None else reason)]
-    lines += [f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in header_pairs]
-    lines += tail
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    already encoded ``tail`` lines.
+
+    Header text is latin-1: what the sandbox sent was decoded so (``UpstreamResponse``),
+    so this gives back its bytes exactly; the gateway's own headers are ASCII.
+    """
+    status_line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status) if reason is None else reason)
+    fields = "".join([f"{name}: {value}\r\n" for name, value in header_pairs]).encode("latin-1")
+    return status_line + fields + b"\r\n".join(tail) + (b"\r\n\r\n" if tail else b"\r\n")
 
 
 def _connection_line(keep_alive: bool, http10: bool) -> bytes | None:

@@ -38,8 +38,8 @@ from aiohttp import web_protocol
 
 from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
-from gateway.proxy.exchange import Exchange, Request
-from gateway.proxy.handler import EdgeHandler
+from gateway.proxy.exchange import Exchange, Request, Watchdog
+from gateway.proxy.handler import EdgeHandler, HeadFacts
 
 # A head longer than this goes to aiohttp, which applies its own field limits (16 KiB a
 # line) and answers 431/400 itself; also the most buffered while a request is served.
@@ -115,6 +115,29 @@ class _Head:
         )  # fmt: skip
 
 
+class _RequestLine:
+    """The request target, for a head whose fields are ``_Known`` already."""
+
+    __slots__ = ("url",)
+
+    def __init__(self) -> None:
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+
+class _Known:
+    """The last header block served on a connection, with what it decided."""
+
+    __slots__ = ("block", "facts", "head")
+
+    def __init__(self, block: bytes, head: _Head, facts: HeadFacts) -> None:
+        self.block = block
+        self.head = head
+        self.facts = facts
+
+
 class Front:
     """The factory of ``FrontProtocol`` connections and what they share."""
 
@@ -174,6 +197,8 @@ class FrontProtocol(asyncio.Protocol):
         self._buffer = bytearray()
         self._delegate: asyncio.Protocol | None = None
         self._exchange: Exchange | None = None
+        self._known: _Known | None = None
+        self._watchdog: Watchdog | None = None
         # Keep-alive idleness: the time the connection went idle (None: it is not), and
         # a timer that moves on to it rather than being re-armed on every request.
         self._idle_since: float | None = None
@@ -232,6 +257,8 @@ class FrontProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._front.connections.discard(self)
         self._cancel_idle_timer()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         if self._delegate is not None:
             self._delegate.connection_lost(exc)
         elif self._exchange is not None:
@@ -325,22 +352,30 @@ class FrontProtocol(asyncio.Protocol):
         if len(head) > MAX_HEAD_BYTES or _has_bare_cr_or_lf(head):
             self._hand_over()
             return
-        parsed = _Head(self._front.max_headers)
-        parser = httptools.HttpRequestParser(parsed)
+        # The header block (everything after the request line): when it is the one the
+        # last request had, what it decides is known already (``_Known``); llhttp still
+        # checks the whole head, but without a Python call per field.
+        block = head[head.find(b"\r\n") + 2 :]
+        known = self._known if self._known is not None and self._known.block == block else None
+        parsed = known.head if known is not None else _Head(self._front.max_headers)
+        line = _RequestLine() if known is not None else parsed
+        parser = httptools.HttpRequestParser(line)
+        upgrade = refuse = False
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
-            parsed.upgrade = parsed.complete = True
+            upgrade = True
         except httptools.HttpParserError:
-            parsed.refuse = True  # aiohttp's path answers malformed requests
-        version = parser.get_http_version()
-        if parsed.upgrade and not parsed.is_websocket_handshake(parser.get_method(), version):
-            parsed.refuse = True  # h2c and other upgrades: aiohttp's path refuses them
+            refuse = True  # aiohttp's path answers malformed requests
+        method, version = parser.get_method(), parser.get_http_version()
+        if upgrade and not parsed.is_websocket_handshake(method, version):
+            refuse = True  # h2c and other upgrades: aiohttp's path refuses them
         if (
-            parsed.refuse
-            or not (parsed.complete or parsed.length)
+            refuse
+            or parsed.refuse
+            or not (parsed.complete or parsed.length or upgrade)
             or version not in ("1.0", "1.1")  # llhttp takes any digit pair; aiohttp not
-            or parser.get_method() == b"CONNECT"
+            or method == b"CONNECT"
         ):
             self._hand_over()
             return
@@ -349,23 +384,30 @@ class FrontProtocol(asyncio.Protocol):
         self._front._request_began()
         http10 = version == "1.0"
         handler = self._front.handler
-        request = Request(
-            parser.get_method().decode("ascii"),
-            # surrogateescape keeps any byte the client sent; request_head encodes it back.
-            parsed.url.decode("utf-8", "surrogateescape"),
-            [
+        if known is None:
+            request_headers = [
                 (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                 for k, v in parsed.raw
-            ],
+            ]
+            facts = handler.facts(request_headers, self.peer_ip)
+            known = self._known = _Known(block, parsed, facts)
+        request = Request(
+            method.decode("ascii"),
+            # surrogateescape keeps any byte the client sent; request_head encodes it back.
+            line.url.decode("utf-8", "surrogateescape"),
+            known.facts,
             body_length=parsed.length,
             keep_alive=parsed.keep_alive(http10) and not self._eof and not handler.draining,
             http10=http10,
         )
         if handler.listener is not None:
             handler.listener.request_started(self.transport)
+        if self._watchdog is None:
+            self._watchdog = Watchdog(asyncio.get_running_loop())
         exchange = self._exchange = Exchange(
-            self, handler, request, read_idle_seconds=self._front.read_idle_seconds
-        )
+            self, handler, request, read_idle_seconds=self._front.read_idle_seconds,
+            watchdog=self._watchdog,
+        )  # fmt: skip
         if buffer and exchange.wants_body:
             self._buffer = bytearray(exchange.request_body(bytes(buffer)))
         exchange.start()

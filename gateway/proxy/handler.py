@@ -54,6 +54,57 @@ class EdgeSettings:
     connections_per_sandbox: int = 0
 
 
+class HeadFacts:
+    """What a request's header fields and TCP peer decide, whatever its method and target.
+
+    Pure functions of (fields, peer, settings), so a keep-alive connection that sends the
+    same header block again (browsers and test suites mostly do) reuses them: the front
+    keeps one per connection (``EdgeHandler.facts``). The parts that can fail, or that
+    depend on the method or the route, are computed on first use and remembered.
+    """
+
+    __slots__ = (
+        "_settings", "_target", "_upgrade", "_upstream", "client", "host", "request_headers",
+        "trusted_id",
+    )  # fmt: skip
+
+    def __init__(self, settings: EdgeSettings, request_headers: HeaderPairs, peer_ip: str) -> None:
+        trusted = settings.trusted_networks
+        self._settings = settings
+        self.request_headers = request_headers
+        self.host = headers.first_value(request_headers, "host")
+        self.client = headers.resolve_client(peer_ip, request_headers, trusted_networks=trusted)
+        self.trusted_id = headers.trusted_request_id(
+            request_headers, peer_ip, trusted_networks=trusted
+        )
+        self._target: hostnames.HostTarget | None = None
+        self._upgrade: dict[str, str | None] = {}
+        self._upstream: dict[int | None, list[tuple[str, str]]] = {}
+
+    def target(self) -> hostnames.HostTarget:
+        """The sandbox and port the Host names (raises as ``hostnames.parse_host``)."""
+        if self._target is None:
+            self._target = hostnames.parse_host(self.host, self._settings.domains)
+        return self._target
+
+    def upgrade(self, method: str) -> str | None:
+        if method not in self._upgrade:
+            self._upgrade[method] = headers.upgrade_kind(self.request_headers, method=method)
+        return self._upgrade[method]
+
+    def upstream_headers(
+        self, request_id: str, host_rewrite_port: int | None
+    ) -> list[tuple[str, str]]:
+        """``headers.upstream_request_headers`` for this block (a new list each time)."""
+        base = self._upstream.get(host_rewrite_port)
+        if base is None:
+            base = self._upstream[host_rewrite_port] = headers.upstream_request_headers(
+                self.request_headers, client=self.client, public_host=self.host or "",
+                request_id=None, host_rewrite_port=host_rewrite_port,
+            )  # fmt: skip
+        return [*base, (headers.REQUEST_ID, request_id)]
+
+
 @dataclass(frozen=True, slots=True)
 class PendingPlan:
     """A request whose route needs a lookup first (``EdgeHandler.plan_now``)."""
@@ -61,9 +112,7 @@ class PendingPlan:
     label: str
     port: int
     raw_path: str
-    request_headers: HeaderPairs
-    host: str
-    client: headers.ClientInfo
+    facts: HeadFacts
     request_id: str
     websocket: bool
 
@@ -98,15 +147,14 @@ class EdgeHandler:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         request_headers = _text_headers(request.raw_headers)
-        record = self.new_record(
-            request.method, request.raw_path, request_headers, _peer_ip(request)
-        )
+        facts = self.facts(request_headers, _peer_ip(request))
+        record = self.new_record(request.method, request.raw_path, facts)
         if self.listener is not None:
             self.listener.request_started(request.transport)
         if self.draining:
             _close_after(request)
         try:
-            response = await self._route(request, request_headers, record)
+            response = await self._route(request, facts, record)
         except errors.EdgeError as exc:
             response = _page_response(self.error_page(exc, record, request_headers), request)
         except asyncio.CancelledError:
@@ -134,22 +182,18 @@ class EdgeHandler:
 
     # Private methods ------------------------------------------------------------------
 
-    def new_record(
-        self, method: str, raw_path: str, request_headers: HeaderPairs, peer_ip: str
-    ) -> RequestRecord:
-        """The accounting record of a request that just arrived (its id decided here)."""
-        request_id = headers.request_id_for(
-            request_headers, peer_ip, trusted_networks=self._settings.trusted_networks
-        )
+    def facts(self, request_headers: HeaderPairs, peer_ip: str) -> HeadFacts:
+        """What ``request_headers`` from ``peer_ip`` decide (see ``HeadFacts``)."""
+        return HeadFacts(self._settings, request_headers, peer_ip)
+
+    def new_record(self, method: str, raw_path: str, facts: HeadFacts) -> RequestRecord:
+        """The accounting record of a request that just arrived (its id decided here): a
+        trusted proxy's well-formed X-Request-Id is kept, else a fresh one."""
+        request_id = facts.trusted_id or headers.new_request_id()
         return RequestRecord(request_id=request_id, method=method, path=raw_path)
 
     async def plan(
-        self,
-        method: str,
-        raw_path: str,
-        request_headers: HeaderPairs,
-        peer_ip: str,
-        record: RequestRecord,
+        self, method: str, raw_path: str, facts: HeadFacts, record: RequestRecord
     ) -> RequestPlan | Answer:
         """Decide what to do with a request: where to send it, or what to answer itself.
 
@@ -163,29 +207,22 @@ class EdgeHandler:
         Raises:
             errors.EdgeError: the request is refused; render it with ``error_page``.
         """
-        decided = self.plan_now(method, raw_path, request_headers, peer_ip, record)
+        decided = self.plan_now(method, raw_path, facts, record)
         if isinstance(decided, PendingPlan):
             return self.finish_plan(decided, await self.lookup(decided.label))
         return decided
 
     def plan_now(
-        self,
-        method: str,
-        raw_path: str,
-        request_headers: HeaderPairs,
-        peer_ip: str,
-        record: RequestRecord,
+        self, method: str, raw_path: str, facts: HeadFacts, record: RequestRecord
     ) -> RequestPlan | Answer | PendingPlan:
         """``plan`` without waiting: a label the cache cannot answer now gives a
         ``PendingPlan``; look its label up and pass both to ``finish_plan``."""
-        host = headers.first_value(request_headers, "host")
+        host = facts.host
         record.host = host or ""
-        client = headers.resolve_client(
-            peer_ip, request_headers, trusted_networks=self._settings.trusted_networks
-        )
+        client = facts.client
         record.client_ip = client.ip
         try:
-            target = hostnames.parse_host(host, self._settings.domains)
+            target = facts.target()
         except (errors.UnknownHost, errors.InvalidHost) as exc:
             # The health path never shadows a sandbox's own: only a Host outside the
             # sandbox domains (an IP literal, the balancer's name), or none at all (an
@@ -198,16 +235,15 @@ class EdgeHandler:
         if self._misses.spent(client.ip):
             raise errors.RateLimited("too many requests for unknown sandboxes or ports")
         hostnames.check_absolute_target(raw_path, host)
-        upgrade = headers.upgrade_kind(request_headers, method=method)
+        upgrade = facts.upgrade(method)
         if upgrade is not None and upgrade != "websocket":
             raise errors.UnsupportedUpgrade(
                 f"upgrade to {upgrade!r} is not supported; only WebSocket is",
                 label=target.label, port=target.port,
             )  # fmt: skip
         pending = PendingPlan(
-            target.label, target.port, raw_path, request_headers, host or "", client,
-            record.request_id, upgrade == "websocket",
-        )  # fmt: skip
+            target.label, target.port, raw_path, facts, record.request_id, upgrade == "websocket"
+        )
         sandbox = self._cache.fresh(target.label)
         if isinstance(sandbox, Miss):
             return pending
@@ -224,10 +260,8 @@ class EdgeHandler:
         return RequestPlan(
             target=upstream,
             path=_origin_form(pending.raw_path),
-            upstream_headers=headers.upstream_request_headers(
-                pending.request_headers, client=pending.client, public_host=pending.host,
-                request_id=pending.request_id,
-                host_rewrite_port=pending.port if upstream.host_rewrite else None,
+            upstream_headers=pending.facts.upstream_headers(
+                pending.request_id, pending.port if upstream.host_rewrite else None
             ),
             websocket=pending.websocket,
             connection_limit=effective_limit(
@@ -255,11 +289,9 @@ class EdgeHandler:
         )
 
     async def _route(
-        self, request: web.BaseRequest, request_headers: HeaderPairs, record: RequestRecord
+        self, request: web.BaseRequest, facts: HeadFacts, record: RequestRecord
     ) -> web.StreamResponse:
-        decided = await self.plan(
-            request.method, request.raw_path, request_headers, _peer_ip(request), record
-        )
+        decided = await self.plan(request.method, request.raw_path, facts, record)
         if isinstance(decided, Answer):
             return _answer_response(decided, request)
         if decided.websocket:
