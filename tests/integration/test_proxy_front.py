@@ -12,11 +12,12 @@ from typing import Any
 import pytest_asyncio
 import redis.asyncio as aioredis
 import websockets
+from aiohttp import web
 
 from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, running_gateway
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
-from tests.support.upstreams import Upstream, expected_sha256
+from tests.support.upstreams import Upstream, expected_sha256, start_upstream
 from tests.support.waiting import wait_until
 
 SANDBOX = "frontaa01"
@@ -344,3 +345,25 @@ async def test_a_websocket_message_the_sandbox_refuses_brings_its_1009_back(
             except websockets.ConnectionClosed as closed:
                 codes.append(closed.rcvd.code if closed.rcvd else None)
     assert codes == [1009, 1009, 1009]
+
+
+async def test_a_sandbox_header_with_8_bit_bytes_is_relayed_byte_for_byte(
+    gateway: GatewayHandle, writer: RouteWriter
+) -> None:
+    """A response header value in UTF-8 (bytes over 0x7F) reaches the client unchanged."""
+
+    async def named(request: web.Request) -> web.Response:
+        return web.Response(text="ok", headers={"X-Name": "caf\u00e9 \u2603"})
+
+    app = web.Application()
+    app.router.add_get("/", named)
+    server = await start_upstream("127.0.0.2", app)
+    try:
+        await writer.create(SANDBOX, address="127.0.0.2")
+        await writer.expose(SANDBOX, server.port)
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(request_bytes("GET", "/", [("Host", gateway.host(server.port, LABEL))]))
+            response = await conn.read_response()
+    finally:
+        await server.stop()
+    assert b"\r\nX-Name: caf\xc3\xa9 \xe2\x98\x83\r\n" in response.head
