@@ -198,6 +198,8 @@ class FrontProtocol(asyncio.Protocol):
         self._delegate: asyncio.Protocol | None = None
         self._exchange: Exchange | None = None
         self._known: _Known | None = None
+        self._line = _RequestLine()
+        self._line_parser: httptools.HttpRequestParser | None = None
         self._watchdog: Watchdog | None = None
         # Keep-alive idleness: the time the connection went idle (None: it is not), and
         # a timer that moves on to it rather than being re-armed on every request.
@@ -349,57 +351,16 @@ class FrontProtocol(asyncio.Protocol):
                 self._hand_over()
             return
         head = bytes(buffer[: end + 4])
-        if len(head) > MAX_HEAD_BYTES or _has_bare_cr_or_lf(head):
-            self._hand_over()
-            return
-        # The header block (everything after the request line): when it is the one the
-        # last request had, what it decides is known already (``_Known``); llhttp still
-        # checks the whole head, but without a Python call per field.
-        block = head[head.find(b"\r\n") + 2 :]
-        known = self._known if self._known is not None and self._known.block == block else None
-        parsed = known.head if known is not None else _Head(self._front.max_headers)
-        line = _RequestLine() if known is not None else parsed
-        parser = httptools.HttpRequestParser(line)
-        upgrade = refuse = False
-        try:
-            parser.feed_data(head)
-        except httptools.HttpParserUpgrade:
-            upgrade = True
-        except httptools.HttpParserError:
-            refuse = True  # aiohttp's path answers malformed requests
-        method, version = parser.get_method(), parser.get_http_version()
-        if upgrade and not parsed.is_websocket_handshake(method, version):
-            refuse = True  # h2c and other upgrades: aiohttp's path refuses them
-        if (
-            refuse
-            or parsed.refuse
-            or not (parsed.complete or parsed.length or upgrade)
-            or version not in ("1.0", "1.1")  # llhttp takes any digit pair; aiohttp not
-            or method == b"CONNECT"
-        ):
+        request = None
+        if len(head) <= MAX_HEAD_BYTES and not _has_bare_cr_or_lf(head):
+            request = self._request_of(head)
+        if request is None:
             self._hand_over()
             return
         del buffer[: end + 4]
         self.busy = True
         self._front._request_began()
-        http10 = version == "1.0"
         handler = self._front.handler
-        if known is None:
-            request_headers = [
-                (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-                for k, v in parsed.raw
-            ]
-            facts = handler.facts(request_headers, self.peer_ip)
-            known = self._known = _Known(block, parsed, facts)
-        request = Request(
-            method.decode("ascii"),
-            # surrogateescape keeps any byte the client sent; request_head encodes it back.
-            line.url.decode("utf-8", "surrogateescape"),
-            known.facts,
-            body_length=parsed.length,
-            keep_alive=parsed.keep_alive(http10) and not self._eof and not handler.draining,
-            http10=http10,
-        )
         if handler.listener is not None:
             handler.listener.request_started(self.transport)
         if self._watchdog is None:
@@ -411,6 +372,62 @@ class FrontProtocol(asyncio.Protocol):
         if buffer and exchange.wants_body:
             self._buffer = bytearray(exchange.request_body(bytes(buffer)))
         exchange.start()
+
+    def _request_of(self, head: bytes) -> Request | None:
+        """The request in ``head`` if the front serves it, else None (aiohttp's)."""
+        # The header block (everything after the request line): when it is the one the
+        # last request had, what it decides is known already (``_Known``); llhttp still
+        # checks the whole head, but without a Python call per field.
+        block = head[head.find(b"\r\n") + 2 :]
+        known = self._known if self._known is not None and self._known.block == block else None
+        line: _Head | _RequestLine
+        if known is not None:
+            parsed, line = known.head, self._line
+            line.url = b""
+            # One parser for such heads while each ends its message (llhttp starts the
+            # next one then): making a parser costs a lookup per callback it might call.
+            parser = self._line_parser or httptools.HttpRequestParser(line)
+        else:
+            parsed = line = _Head(self._front.max_headers)
+            parser = httptools.HttpRequestParser(parsed)
+        upgrade = refuse = False
+        try:
+            parser.feed_data(head)
+        except httptools.HttpParserUpgrade:
+            upgrade = True
+        except httptools.HttpParserError:
+            refuse = True  # aiohttp's path answers malformed requests
+        if known is not None:
+            # A body, an upgrade or an error leaves llhttp mid-message: a new one next time.
+            self._line_parser = None if parsed.length or upgrade or refuse else parser
+        method, version = parser.get_method(), parser.get_http_version()
+        if (
+            refuse
+            or parsed.refuse
+            or (upgrade and not parsed.is_websocket_handshake(method, version))  # h2c...
+            or not (parsed.complete or parsed.length or upgrade)
+            or version not in ("1.0", "1.1")  # llhttp takes any digit pair; aiohttp not
+            or method == b"CONNECT"
+        ):
+            return None
+        handler = self._front.handler
+        if known is None:
+            request_headers = [
+                (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+                for k, v in parsed.raw
+            ]
+            facts = handler.facts(request_headers, self.peer_ip)
+            known = self._known = _Known(block, parsed, facts)
+        http10 = version == "1.0"
+        return Request(
+            method.decode("ascii"),
+            # surrogateescape keeps any byte the client sent; request_head encodes it back.
+            line.url.decode("utf-8", "surrogateescape"),
+            known.facts,
+            body_length=parsed.length,
+            keep_alive=parsed.keep_alive(http10) and not self._eof and not handler.draining,
+            http10=http10,
+        )
 
     def _hand_over(self) -> None:
         """Give the connection to aiohttp from the start of the current request on."""

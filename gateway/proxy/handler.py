@@ -65,7 +65,7 @@ class HeadFacts:
 
     __slots__ = (
         "_settings", "_target", "_upgrade", "_upstream", "client", "host", "request_headers",
-        "trusted_id",
+        "routed", "trusted_id",
     )  # fmt: skip
 
     def __init__(self, settings: EdgeSettings, request_headers: HeaderPairs, peer_ip: str) -> None:
@@ -80,6 +80,8 @@ class HeadFacts:
         self._target: hostnames.HostTarget | None = None
         self._upgrade: dict[str, str | None] = {}
         self._upstream: dict[int | None, list[tuple[str, str]]] = {}
+        # The last route these fields took: (record, upstream, connection limit).
+        self.routed: tuple[model.Sandbox | None, model.Upstream, int] | None = None
 
     def target(self) -> hostnames.HostTarget:
         """The sandbox and port the Host names (raises as ``hostnames.parse_host``)."""
@@ -105,16 +107,18 @@ class HeadFacts:
         return [*base, (headers.REQUEST_ID, request_id)]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PendingPlan:
     """A request whose route needs a lookup first (``EdgeHandler.plan_now``)."""
 
-    label: str
-    port: int
     raw_path: str
     facts: HeadFacts
     request_id: str
     websocket: bool
+
+    @property
+    def label(self) -> str:
+        return self.facts.target().label
 
 
 class EdgeHandler:
@@ -241,13 +245,11 @@ class EdgeHandler:
                 f"upgrade to {upgrade!r} is not supported; only WebSocket is",
                 label=target.label, port=target.port,
             )  # fmt: skip
-        pending = PendingPlan(
-            target.label, target.port, raw_path, facts, record.request_id, upgrade == "websocket"
-        )
+        websocket = upgrade == "websocket"
         sandbox = self._cache.fresh(target.label)
         if isinstance(sandbox, Miss):
-            return pending
-        return self.finish_plan(pending, sandbox)
+            return PendingPlan(raw_path, facts, record.request_id, websocket)
+        return self._routed(raw_path, facts, record.request_id, websocket, sandbox)
 
     def finish_plan(self, pending: PendingPlan, sandbox: model.Sandbox | None) -> RequestPlan:
         """The plan of ``pending`` once its label's record (None: no such sandbox) is known.
@@ -255,19 +257,40 @@ class EdgeHandler:
         Raises:
             errors.EdgeError: the record does not route the request.
         """
-        upstream = model.resolve(sandbox, pending.port, label=pending.label)
-        self._check_dial(upstream, pending.label)
+        return self._routed(
+            pending.raw_path, pending.facts, pending.request_id, pending.websocket, sandbox
+        )
+
+    def _routed(
+        self,
+        raw_path: str,
+        facts: HeadFacts,
+        request_id: str,
+        websocket: bool,
+        sandbox: model.Sandbox | None,
+    ) -> RequestPlan:
+        target = facts.target()
+        remembered = facts.routed
+        if remembered is not None and remembered[0] is sandbox:
+            # The same cached record as the last request with these fields: it routes the
+            # same way (records are immutable; a change is a new object).
+            _, upstream, limit = remembered
+        else:
+            upstream = model.resolve(sandbox, target.port, label=target.label)
+            self._check_dial(upstream, target.label)
+            limit = effective_limit(
+                sandbox.limits if sandbox else {}, self._settings.connections_per_sandbox
+            )
+            facts.routed = (sandbox, upstream, limit)
         return RequestPlan(
             target=upstream,
-            path=_origin_form(pending.raw_path),
-            upstream_headers=pending.facts.upstream_headers(
-                pending.request_id, pending.port if upstream.host_rewrite else None
+            path=_origin_form(raw_path),
+            upstream_headers=facts.upstream_headers(
+                request_id, target.port if upstream.host_rewrite else None
             ),
-            websocket=pending.websocket,
-            connection_limit=effective_limit(
-                sandbox.limits if sandbox else {}, self._settings.connections_per_sandbox
-            ),
-        )  # fmt: skip
+            websocket=websocket,
+            connection_limit=limit,
+        )
 
     def error_page(
         self, error: errors.EdgeError, record: RequestRecord, request_headers: HeaderPairs

@@ -46,7 +46,9 @@ class RelayedResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(
+    slots=True
+)  # not frozen: built for every request, and frozen costs a setattr call per field
 class RequestPlan:
     """What the handler decided to send: the target and the upstream request headers."""
 
