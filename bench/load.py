@@ -387,7 +387,7 @@ async def run_latency(stack: Stack, plan: Plan) -> LatencyResult:
         result.percentiles_ms[row] = stats.median_of(result.rounds_ms[row])
     for suffix in ("", SEQUENTIAL):
         direct = result.percentiles_ms["direct" + suffix]
-        for name in ("nginx", "gateway"):
+        for name in (t.name for t in targets if t.name != "direct"):
             result.added_ms[name + suffix] = result.percentiles_ms[name + suffix].minus(direct)
     result.scheduler_late_p99_ms = stats.summarize(lateness, scale=1000).p99
     return result

@@ -90,6 +90,8 @@ class Stack:
     upstream_port: int
     nginx: nginx.Nginx
     gateway: Gateway
+    relay: procs.Proc  # bench/relay.py: the floor of a proxy in this runtime
+    relay_port: int
     pinned: bool = True
 
     def cpus(self, role: str | None) -> str | None:
@@ -110,7 +112,7 @@ class Stack:
         procs.set_affinity(os.getpid(), cpus(layout.load))
         procs.set_affinity(self.redis.pid, cpus(layout.load))
         procs.set_affinity(self.upstream.pid, cpus(layout.upstream))
-        for pid in (self.nginx.proc.pid, *self.nginx.workers, self.gateway.pid):
+        for pid in (self.nginx.proc.pid, *self.nginx.workers, self.gateway.pid, self.relay.pid):
             procs.set_affinity(pid, cpus(layout.proxy))
         self.pinned = pinned
 
@@ -125,12 +127,13 @@ class Stack:
         return f"{self.upstream_port}-{SANDBOX_LABEL}.{DOMAIN}"
 
     def targets(self) -> list[Target]:
-        """direct, nginx, gateway: the order every measurement alternates in."""
+        """direct, nginx, gateway, relay: the order every measurement alternates in."""
         return [
             Target("direct", UPSTREAM_HOST, self.upstream_port, self.host_header, ()),
             Target("nginx", "127.0.0.1", self.nginx.port, self.host_header, self.nginx.workers),
             Target("gateway", "127.0.0.1", self.gateway.port, self.host_header,
                    (self.gateway.pid,)),
+            Target("relay", "127.0.0.1", self.relay_port, self.host_header, (self.relay.pid,)),
         ]  # fmt: skip
 
     def gateway_target(self, gateway: Gateway) -> Target:
@@ -175,6 +178,18 @@ async def start_upstream(group: procs.ProcessGroup, layout: Layout) -> tuple[pro
         "upstream",
         [sys.executable, "-m", "bench.upstream_server", "--host", UPSTREAM_HOST, "--port", "0"],
         cpus=layout.upstream, cwd=REPO,
+    )  # fmt: skip
+    ready = await procs.ready_line(proc)
+    return proc, int(ready["port"])
+
+
+async def start_relay(
+    group: procs.ProcessGroup, upstream_port: int, layout: Layout
+) -> tuple[procs.Proc, int]:
+    proc = group.start(
+        "relay",
+        [sys.executable, "-m", "bench.relay", "--upstream", f"{UPSTREAM_HOST}:{upstream_port}"],
+        cpus=layout.proxy, cwd=REPO,
     )  # fmt: skip
     ready = await procs.ready_line(proc)
     return proc, int(ready["port"])
@@ -238,9 +253,13 @@ async def start_stack(group: procs.ProcessGroup, layout: Layout) -> Stack:
     upstream, upstream_port = await start_upstream(group, layout)
     proxy = await nginx.start(group, upstream=(UPSTREAM_HOST, upstream_port), cpus=layout.proxy)
     gateway = await start_gateway(group, redis_url, layout.proxy)
+    relay, relay_port = await start_relay(group, upstream_port, layout)
     await gateway_cli(group, redis_url, "sandbox", "create", SANDBOX_ID, "--address", UPSTREAM_HOST)
     await gateway_cli(group, redis_url, "ports", "expose", SANDBOX_ID, str(upstream_port))
-    return Stack(group, layout, redis_url, redis_proc, upstream, upstream_port, proxy, gateway)
+    return Stack(
+        group, layout, redis_url, redis_proc, upstream, upstream_port, proxy, gateway, relay,
+        relay_port,
+    )  # fmt: skip
 
 
 def _port_of(endpoint: str) -> int:
