@@ -436,9 +436,28 @@ def relayable_reason(reason: str) -> str | None:
     return reason if reason and _REASON_RE.fullmatch(reason) else None
 
 
+class _RandomIds:
+    """Request ids cut from one ``os.urandom`` read of many (a syscall per request shows
+    in the small-request profile); every id is still 64 fresh random bits."""
+
+    _BATCH = 512
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+
+    def __call__(self) -> str:
+        if not self._ids:
+            text = os.urandom(8 * self._BATCH).hex()
+            self._ids = [text[i : i + 16] for i in range(0, len(text), 16)]
+        return self._ids.pop()
+
+
+_random_ids = _RandomIds()
+
+
 def new_request_id() -> str:
     """A fresh request id: 16 lowercase hex characters (64 random bits)."""
-    return os.urandom(8).hex()
+    return _random_ids()
 
 
 def is_valid_request_id(value: str) -> bool:

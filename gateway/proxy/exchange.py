@@ -60,6 +60,7 @@ class Client(typing.Protocol):
 
     transport: asyncio.Transport | None
     peer_ip: str
+    relayed: RelayedFields | None  # the last response fields relayed on the connection
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -265,12 +266,8 @@ class Exchange:
         record.upstream_seconds = time.monotonic() - self._sent_at
         record.status = response.status
         request = self._request
-        relayed = headers.downstream_response_headers(response.headers, public_host=record.host)
-        has_length = has_date = False
-        for name, _ in relayed:
-            lower = name.lower()
-            has_length = has_length or lower == "content-length"
-            has_date = has_date or lower == "date"
+        relayed = self._relayed_fields(response)
+        has_length, has_date = relayed.has_length, relayed.has_date
         framed = has_length or request.method == "HEAD" or response.status in _NO_BODY_STATUSES
         # Without a length, an HTTP/1.1 client gets chunks; an HTTP/1.0 one gets the body
         # up to the close (it can't read chunks).
@@ -287,12 +284,23 @@ class Exchange:
         reason = headers.relayable_reason(response.reason)
         self._out.append(
             _response_head(response.status, reason.encode("latin-1") if reason else None,
-                           relayed, tail)
+                           relayed.lines, tail)
         )  # fmt: skip
         self._head_sent = True
         self._state = _STREAMING
         self._last_progress = self._loop.time()
         self._arm(self._read_idle)
+
+    def _relayed_fields(self, response: UpstreamResponse) -> RelayedFields:
+        """The sandbox's fields as the client gets them, worked out once for a repeated
+        set (a sandbox mostly answers one client's requests with the same fields)."""
+        known = self._client.relayed
+        raw, host = response.raw_headers, self._record.host
+        if known is not None and known.raw == raw and known.host == host:
+            return known
+        fields = headers.downstream_response_headers(response.headers, public_host=host)
+        known = self._client.relayed = RelayedFields(list(raw), host, fields)
+        return known
 
     def response_body(self, data: bytes) -> None:
         self._record.bytes_out += len(data)
@@ -406,7 +414,8 @@ class Exchange:
             return
         self._session = self._handler.hold_exchange(plan, self._record, self.stop)
         request = self._request
-        self._head = request_head(request.method, plan.path, plan.upstream_headers)
+        request_id = [(headers.REQUEST_ID, plan.request_id)]
+        self._head = request_head(request.method, plan.path, request_id, block=plan.upstream_block)
         self._connect()
 
     def _open_websocket(self, plan: RequestPlan) -> None:
@@ -524,7 +533,7 @@ class Exchange:
             tail.append(connection)
         body = b"" if request.method == "HEAD" else answer.body
         if self._client.transport is not None:
-            head = _response_head(answer.status, None, answer.headers, tail)
+            head = _response_head(answer.status, None, _field_lines(answer.headers), tail)
             self._client.transport.write(head + body)
         self._done(self._keep_alive)
 
@@ -574,18 +583,31 @@ class Exchange:
         self._client.exchange_done(self._record, keep_alive and not self._body_remaining)
 
 
-def _response_head(
-    status: int, reason: bytes | None, header_pairs: HeaderPairs, tail: list[bytes]
-) -> bytes:
-    """A status line (the standard reason when ``reason`` is None), the headers, and the
-    already encoded ``tail`` lines.
+class RelayedFields:
+    """A sandbox's response fields (``raw``, for ``host``) as relayed to the client."""
 
-    Header text is latin-1: what the sandbox sent was decoded so (``UpstreamResponse``),
-    so this gives back its bytes exactly; the gateway's own headers are ASCII.
-    """
+    __slots__ = ("has_date", "has_length", "host", "lines", "raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]], host: str, fields: HeaderPairs) -> None:
+        self.raw = raw
+        self.host = host
+        self.lines = _field_lines(fields)
+        names = {name.lower() for name, _ in fields}
+        self.has_length = "content-length" in names
+        self.has_date = "date" in names
+
+
+def _response_head(status: int, reason: bytes | None, lines: bytes, tail: list[bytes]) -> bytes:
+    """A status line (the standard reason when ``reason`` is None), the header ``lines``
+    (``_field_lines``), and the already encoded ``tail`` lines."""
     status_line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status) if reason is None else reason)
-    fields = "".join([f"{name}: {value}\r\n" for name, value in header_pairs]).encode("latin-1")
-    return status_line + fields + b"\r\n".join(tail) + (b"\r\n\r\n" if tail else b"\r\n")
+    return status_line + lines + b"\r\n".join(tail) + (b"\r\n\r\n" if tail else b"\r\n")
+
+
+def _field_lines(fields: HeaderPairs) -> bytes:
+    """Header lines in latin-1: what the sandbox sent was decoded so (``UpstreamResponse``),
+    so this gives back its bytes exactly; the gateway's own headers are ASCII."""
+    return "".join([f"{name}: {value}\r\n" for name, value in fields]).encode("latin-1")
 
 
 def _connection_line(keep_alive: bool, http10: bool) -> bytes | None:

@@ -38,7 +38,7 @@ from aiohttp import web_protocol
 
 from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
-from gateway.proxy.exchange import Exchange, Request, Watchdog
+from gateway.proxy.exchange import Exchange, RelayedFields, Request, Watchdog
 from gateway.proxy.handler import EdgeHandler, HeadFacts
 
 # A head longer than this goes to aiohttp, which applies its own field limits (16 KiB a
@@ -198,6 +198,7 @@ class FrontProtocol(asyncio.Protocol):
         self._delegate: asyncio.Protocol | None = None
         self._exchange: Exchange | None = None
         self._known: _Known | None = None
+        self.relayed: RelayedFields | None = None
         self._line = _RequestLine()
         self._line_parser: httptools.HttpRequestParser | None = None
         self._watchdog: Watchdog | None = None

@@ -27,7 +27,7 @@ from gateway.missbudget import MISS_CODES, MissBudget
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.connlimit import ConnectionLimiter, effective_limit
-from gateway.proxy.http import Answer, RequestPlan, forward_http
+from gateway.proxy.http import Answer, RequestPlan, forward_http, header_lines
 from gateway.proxy.sessions import ActiveSessions, Session, Stop
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routing import model, rules
@@ -79,7 +79,7 @@ class HeadFacts:
         )
         self._target: hostnames.HostTarget | None = None
         self._upgrade: dict[str, str | None] = {}
-        self._upstream: dict[int | None, list[tuple[str, str]]] = {}
+        self._upstream: dict[int | None, tuple[list[tuple[str, str]], bytes]] = {}
         # The last route these fields took: (record, upstream, connection limit).
         self.routed: tuple[model.Sandbox | None, model.Upstream, int] | None = None
 
@@ -98,13 +98,21 @@ class HeadFacts:
         self, request_id: str, host_rewrite_port: int | None
     ) -> list[tuple[str, str]]:
         """``headers.upstream_request_headers`` for this block (a new list each time)."""
+        return [*self._upstream_base(host_rewrite_port)[0], (headers.REQUEST_ID, request_id)]
+
+    def upstream_block(self, host_rewrite_port: int | None) -> bytes:
+        """``upstream_headers`` but the request id, as encoded header lines."""
+        return self._upstream_base(host_rewrite_port)[1]
+
+    def _upstream_base(self, host_rewrite_port: int | None) -> tuple[list[tuple[str, str]], bytes]:
         base = self._upstream.get(host_rewrite_port)
         if base is None:
-            base = self._upstream[host_rewrite_port] = headers.upstream_request_headers(
+            fields = headers.upstream_request_headers(
                 self.request_headers, client=self.client, public_host=self.host or "",
                 request_id=None, host_rewrite_port=host_rewrite_port,
             )  # fmt: skip
-        return [*base, (headers.REQUEST_ID, request_id)]
+            base = self._upstream[host_rewrite_port] = (fields, header_lines(fields))
+        return base
 
 
 @dataclass(slots=True)
@@ -283,14 +291,9 @@ class EdgeHandler:
             )
             facts.routed = (sandbox, upstream, limit)
         return RequestPlan(
-            target=upstream,
-            path=_origin_form(raw_path),
-            upstream_headers=facts.upstream_headers(
-                request_id, target.port if upstream.host_rewrite else None
-            ),
-            websocket=websocket,
-            connection_limit=limit,
-        )
+            target=upstream, path=_origin_form(raw_path), fields=facts, request_id=request_id,
+            websocket=websocket, connection_limit=limit,
+        )  # fmt: skip
 
     def error_page(
         self, error: errors.EdgeError, record: RequestRecord, request_headers: HeaderPairs

@@ -13,6 +13,7 @@ Contract of ``forward_http``:
 from __future__ import annotations
 
 import time
+import typing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -46,18 +47,41 @@ class RelayedResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
-@dataclass(
-    slots=True
-)  # not frozen: built for every request, and frozen costs a setattr call per field
+class UpstreamFields(typing.Protocol):
+    """The header fields a request sends its sandbox (``handler.HeadFacts``)."""
+
+    def upstream_headers(
+        self, request_id: str, host_rewrite_port: int | None
+    ) -> list[tuple[str, str]]: ...
+    def upstream_block(self, host_rewrite_port: int | None) -> bytes: ...
+
+
+# Not frozen: one is built per request, and a frozen init costs a setattr call per field.
+@dataclass(slots=True)
 class RequestPlan:
     """What the handler decided to send: the target and the upstream request headers."""
 
     target: Upstream
     path: str
-    upstream_headers: list[tuple[str, str]]
+    fields: UpstreamFields
+    request_id: str
     websocket: bool = False  # a WebSocket upgrade, to be relayed rather than forwarded
     # Upstream connections this sandbox may hold at once (gateway/proxy/connlimit.py).
     connection_limit: int = 0
+
+    @property
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        """The header fields for the sandbox, the request id last (a new list)."""
+        return self.fields.upstream_headers(self.request_id, self._rewrite_port)
+
+    @property
+    def upstream_block(self) -> bytes:
+        """``upstream_headers`` but the request id, as encoded lines (for ``request_head``)."""
+        return self.fields.upstream_block(self._rewrite_port)
+
+    @property
+    def _rewrite_port(self) -> int | None:
+        return self.target.port if self.target.host_rewrite else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,9 +180,21 @@ async def _client_body(
         yield chunk
 
 
-def request_head(method: str, path: str, header_list: list[tuple[str, str]]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in header_list]
-    # Header text came from aiohttp's parser (UTF-8 with surrogateescape), so encoding it
-    # back the same way restores the client's bytes exactly.
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+def request_head(
+    method: str, path: str, header_list: list[tuple[str, str]], *, block: bytes = b""
+) -> bytes:
+    """A request head to the sandbox; ``block``: header lines encoded already
+    (``header_lines``), sent before ``header_list``."""
+    start = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
+    return start + block + header_lines(header_list) + b"\r\n"
+
+
+def header_lines(header_list: list[tuple[str, str]]) -> bytes:
+    """``name: value`` lines, each ending in CRLF.
+
+    Header text came from the parser as UTF-8 with surrogateescape, so encoding it back
+    the same way restores the client's bytes exactly.
+    """
+    return "".join([f"{name}: {value}\r\n" for name, value in header_list]).encode(
+        "utf-8", "surrogateescape"
+    )

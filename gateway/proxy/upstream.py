@@ -331,6 +331,11 @@ class UpstreamResponse:
         return self._reason.decode("latin-1")
 
     @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The fields as the sandbox sent them (do not change the list)."""
+        return self._raw_headers
+
+    @property
     def headers(self) -> list[tuple[str, str]]:
         return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._raw_headers]
 
