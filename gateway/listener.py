@@ -120,10 +120,16 @@ class Listener:
             connection._started += 1
             connection.disarm()
 
-    def request_finished(self, transport: asyncio.BaseTransport | None) -> None:
+    def request_finished(
+        self, transport: asyncio.BaseTransport | None, *, head_begun: bool = False
+    ) -> None:
+        """The request on ``transport`` is answered; ``head_begun``: the start of the next
+        one is buffered already, so the header timeout runs from now."""
         connection = self._by_transport.get(transport) if transport is not None else None
         if connection is not None:
             connection.in_request = False
+            if head_begun:
+                connection.arm_header_timeout()
 
 
 class _Connection(asyncio.Protocol):
@@ -237,6 +243,9 @@ class _Connection(asyncio.Protocol):
         except (TypeError, ValueError, IndexError):
             return False
         return any(ip in net for net in self._listener.policy.trusted_networks)
+
+    def arm_header_timeout(self) -> None:
+        self._arm(self._listener.policy.header_timeout_seconds)
 
     def _arm(self, seconds: float) -> None:
         self.disarm()

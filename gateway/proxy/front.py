@@ -316,7 +316,9 @@ class FrontProtocol(asyncio.Protocol):
         for sink in handler.sinks:
             sink(record)
         if handler.listener is not None:
-            handler.listener.request_finished(self.transport)
+            # Bytes of the next request already in: its head is due within the header
+            # timeout from now (the listener only times heads from their first read).
+            handler.listener.request_finished(self.transport, head_begun=bool(self._buffer))
         self.busy = False
         self._exchange = None
         self._front._request_ended()
@@ -350,6 +352,8 @@ class FrontProtocol(asyncio.Protocol):
             partial = buffer[:-1] if buffer.endswith(b"\r") else buffer
             if len(buffer) > MAX_HEAD_BYTES or _has_bare_cr_or_lf(partial):
                 self._hand_over()
+            elif self._eof and self.transport is not None:
+                self.transport.close()  # the client is done sending: this head can't complete
             return
         head = bytes(buffer[: end + 4])
         request = None

@@ -246,6 +246,41 @@ async def test_a_connection_in_use_past_the_idle_limit_stays_open(
         assert await conn.closed_by_peer(wait=5.0)
 
 
+async def test_a_pipelined_partial_head_after_a_half_close_ends_the_connection(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """A whole request, the start of another, then EOF: one answer, then the close (the
+    second head can never complete)."""
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/one", [("Host", host)]) + b"GET /tw")
+        conn.writer.write_eof()
+        raw = await conn.read_until_close()
+    assert raw.startswith(b"HTTP/1.1 200 ") and b'"/one"' in raw
+
+
+@pytest_asyncio.fixture
+async def short_header_gateway(
+    redis: aioredis.Redis, redis_url: str
+) -> AsyncIterator[GatewayHandle]:
+    async with running_gateway(redis_url, {"server": {"header_timeout_seconds": 0.5}}) as gw:
+        yield gw
+
+
+async def test_a_pipelined_partial_head_is_held_only_for_the_header_timeout(
+    short_header_gateway: GatewayHandle, writer: RouteWriter, upstream: Upstream
+) -> None:
+    """A whole request and the start of another that never completes: the answer, then a
+    close once the header timeout (0.5 s) has run from the end of the first request."""
+    gateway = short_header_gateway
+    await writer.create(SANDBOX, address="127.0.0.2")
+    await writer.expose(SANDBOX, upstream.port)
+    host = gateway.host(upstream.port, LABEL)
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(request_bytes("GET", "/one", [("Host", host)]) + b"GET /tw")
+        assert _echoed(await conn.read_response())["path_qs"] == "/one"
+        assert await conn.closed_by_peer(wait=5.0)
+
+
 async def test_a_head_split_inside_a_crlf_is_served_by_the_front(
     gateway: GatewayHandle, host: str
 ) -> None:
