@@ -26,7 +26,7 @@ from aiohttp._websocket.models import WSMessageNoDecodeText
 from yarl import URL
 
 from gateway import errors
-from gateway.headers import downstream_response_headers
+from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
 from gateway.proxy.wsframes import GOING_AWAY, SERVICE_RESTART, close_reason, wire_code
 from gateway.routing.model import Upstream
@@ -35,10 +35,6 @@ MAX_HEADER_FIELD_BYTES = 16 * 1024
 _AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding")
 # After the client side ended, how long the sandbox side may take to finish closing.
 CLOSE_GRACE_SECONDS = 5.0
-# Headers describing the sandbox's refusal body, which is replaced by the gateway's text.
-_BODY_HEADERS = frozenset(
-    {"content-length", "content-type", "content-encoding", "transfer-encoding"}
-)
 _ENDED = frozenset({WSMsgType.CLOSING, WSMsgType.CLOSED})
 _DATA = frozenset({WSMsgType.TEXT, WSMsgType.BINARY})
 _SEND_ERRORS = (ConnectionError, RuntimeError, aiohttp.ClientError)
@@ -190,14 +186,12 @@ async def open_sandbox_socket(
 def _refusal(
     status: int, sandbox_headers: list[tuple[str, str]], upstream_headers: list[tuple[str, str]]
 ) -> web.Response:
-    refusal = web.Response(
-        status=status, text=f"the sandbox refused the WebSocket upgrade ({status})\n"
-    )
     # The public host is the X-Forwarded-Host the gateway itself set (cookie scoping).
     public_host = next((v for n, v in upstream_headers if n == "X-Forwarded-Host"), "")
-    for name, value in downstream_response_headers(sandbox_headers, public_host=public_host):
-        if name.lower() not in _BODY_HEADERS:
-            refusal.headers.add(name, value)
+    fields, text = wsframes.refusal(status, sandbox_headers, public_host=public_host)
+    refusal = web.Response(status=status, text=text)
+    for name, value in fields:
+        refusal.headers.add(name, value)
     return refusal
 
 

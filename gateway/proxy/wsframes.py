@@ -24,6 +24,9 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from gateway import headers
+from gateway.headers import HeaderPairs
+
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _CONTROL = frozenset((OP_CLOSE, OP_PING, OP_PONG))
@@ -242,6 +245,28 @@ def wire_code(code: int | None) -> int:
 def close_reason(reason: str) -> bytes:
     """``reason`` cut to fit a close frame (125 bytes with the code), on a UTF-8 boundary."""
     return reason.encode()[:123].decode("utf-8", "ignore").encode()
+
+
+# Headers describing a sandbox's refusal body, which is replaced by the gateway's text.
+_BODY_HEADERS = frozenset(
+    {"content-length", "content-type", "content-encoding", "transfer-encoding"}
+)
+
+
+def refusal(
+    status: int, sandbox_headers: HeaderPairs, *, public_host: str
+) -> tuple[list[tuple[str, str]], str]:
+    """The fields and text of the answer to a client whose upgrade the sandbox refused
+    with ``status`` (a 403 from a dev server's host check, a redirect to a login page):
+    the sandbox's fields as relayed, without those describing its body."""
+    fields = [
+        (name, value)
+        for name, value in headers.downstream_response_headers(
+            sandbox_headers, public_host=public_host
+        )
+        if name.lower() not in _BODY_HEADERS
+    ]
+    return fields, f"the sandbox refused the WebSocket upgrade ({status})\n"
 
 
 def accept_key(key: str) -> str:

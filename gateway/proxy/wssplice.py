@@ -45,9 +45,6 @@ log = logging.getLogger("gateway.websocket")
 CLOSE_GRACE_SECONDS = 1.0
 # A client frame with more than this still to come is "large" (see keep_spare).
 LARGE_FRAME_BYTES = 256 * 1024
-_BODY_HEADERS = frozenset(
-    {"content-length", "content-type", "content-encoding", "transfer-encoding"}
-)
 _HANDSHAKE, _OPEN, _ENDED = range(3)
 
 
@@ -142,36 +139,33 @@ class WebSocketSplice(asyncio.Protocol):
             errors.UpstreamTimeout("the sandbox did not accept the WebSocket in time")
         )
 
-    def _fail_handshake(self, error: errors.EdgeError) -> None:
+    def _end_handshake(self) -> bool:
+        """Give up the handshake (timer, connect, sandbox connection); False if it had
+        ended already."""
         if self._state != _HANDSHAKE:
-            return
+            return False
         self._state = _ENDED
         self._cancel_timer()
+        if self._task is not None:
+            self._task.cancel()
         if self._sandbox is not None:
             self._sandbox.close()
-        self._owner.refuse(error)
+        return True
+
+    def _fail_handshake(self, error: errors.EdgeError) -> None:
+        if self._end_handshake():
+            self._owner.refuse(error)
 
     def sandbox_answered(self, status: int, sandbox_headers: HeaderPairs) -> None:
         """The sandbox's final answer to the upgrade, other than a 101: relayed."""
-        if self._state != _HANDSHAKE:
+        if not self._end_handshake():
             return
-        self._state = _ENDED
-        self._cancel_timer()
-        if self._sandbox is not None:
-            self._sandbox.close()
-        relayed = [
-            (name, value)
-            for name, value in headers.downstream_response_headers(
-                sandbox_headers, public_host=self._public_host
-            )
-            if name.lower() not in _BODY_HEADERS
-        ]
-        relayed += [
+        fields, text = wsframes.refusal(status, sandbox_headers, public_host=self._public_host)
+        fields += [
             ("Content-Type", "text/plain; charset=utf-8"),
             (headers.REQUEST_ID, self._request_id),
         ]
-        body = f"the sandbox refused the WebSocket upgrade ({status})\n".encode()
-        self._owner.answer_and_close(Answer(status, relayed, body))
+        self._owner.answer_and_close(Answer(status, fields, text.encode()))
 
     def sandbox_accepted(self, sandbox_headers: HeaderPairs, rest: bytes) -> None:
         """The sandbox's 101 (``rest``: what followed it): checked, then passed on."""
@@ -260,13 +254,7 @@ class WebSocketSplice(asyncio.Protocol):
         await self._close_from_outside(wsframes.SERVICE_RESTART, reason)
 
     async def _close_from_outside(self, code: int, reason: str) -> None:
-        if self._state == _HANDSHAKE:
-            self._state = _ENDED
-            self._cancel_timer()
-            if self._task is not None:
-                self._task.cancel()
-            if self._sandbox is not None:
-                self._sandbox.close()
+        if self._end_handshake():
             self._owner.abort_client()
             return
         if self._state == _ENDED:
@@ -282,13 +270,7 @@ class WebSocketSplice(asyncio.Protocol):
 
     def abandon(self) -> None:
         """The client went away before the 101: drop the sandbox side."""
-        if self._state == _HANDSHAKE:
-            self._state = _ENDED
-            self._cancel_timer()
-            if self._task is not None:
-                self._task.cancel()
-            if self._sandbox is not None:
-                self._sandbox.close()
+        self._end_handshake()
 
     # Closing --------------------------------------------------------------------------
 
