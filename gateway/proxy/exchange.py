@@ -205,7 +205,7 @@ class Exchange:
             else:
                 self._forward(decided)
         except errors.EdgeError as exc:
-            self._refuse(exc)
+            self.refuse(exc)
         except Exception:
             self._crashed()
 
@@ -257,7 +257,7 @@ class Exchange:
     async def stop(self, reason: str) -> None:
         """End the exchange by resetting the client (its route closed or moved)."""
         log.info("ending a stream to %s: %s", self._record.port, reason)
-        self._abort_client()
+        self.abort_client()
 
     # ResponseConsumer: called from the sandbox connection's callbacks ---------------
 
@@ -325,7 +325,7 @@ class Exchange:
         upstream = self._drop_upstream()
         if self._head_sent:
             self._record.aborted(error.code)
-            self._abort_client()
+            self.abort_client()
             self._done(keep_alive=False)
         elif (
             isinstance(error, errors.UpstreamProtocolError)
@@ -339,7 +339,7 @@ class Exchange:
             self._state = _PLANNING
             self._connect()
         else:
-            self._refuse(error)
+            self.refuse(error)
 
     def sandbox_write_paused(self) -> None:
         self._sandbox_paused = True
@@ -351,9 +351,6 @@ class Exchange:
         self._release_client()
 
     # wssplice.Owner: the WebSocket splice's calls ----------------------------------
-
-    def refuse(self, error: errors.EdgeError) -> None:
-        self._refuse(error)
 
     def answer_and_close(self, answer: Answer) -> None:
         self._record.status = answer.status
@@ -373,9 +370,6 @@ class Exchange:
         record.closed = closed
         record.bytes_in, record.bytes_out = bytes_in, bytes_out
         self._done(keep_alive=False)
-
-    def abort_client(self) -> None:
-        self._abort_client()
 
     def pause_client(self) -> None:
         self._client.pause_reading()
@@ -400,7 +394,7 @@ class Exchange:
             self._task = None
             then(result)
         except errors.EdgeError as exc:
-            self._refuse(exc)
+            self.refuse(exc)
         except Exception:
             self._crashed()
 
@@ -537,7 +531,8 @@ class Exchange:
             self._client.transport.write(head + body)
         self._done(self._keep_alive)
 
-    def _refuse(self, error: errors.EdgeError) -> None:
+    def refuse(self, error: errors.EdgeError) -> None:
+        """Answer with the gateway's page for ``error`` (before the answer's head)."""
         if self._state == _DONE:
             return
         self._drop_upstream()
@@ -548,15 +543,15 @@ class Exchange:
         """No request body byte for ``read_idle_seconds``, or a half-close before the
         body was complete: the sandbox must not get a short body."""
         self._record.outcome = "client_gone"
-        self._abort_client()
+        self.abort_client()
         self._done(keep_alive=False)
 
     def _crashed(self) -> None:
         log.exception("request %s failed", self._record.request_id)
-        self._abort_client()
+        self.abort_client()
         self._done(keep_alive=False)
 
-    def _abort_client(self) -> None:
+    def abort_client(self) -> None:
         if self._client.transport is not None:
             self._client.transport.abort()
 

@@ -53,8 +53,8 @@ class _Head:
     """What httptools found in one request head (filled in by its callbacks)."""
 
     __slots__ = (
-        "complete", "connection", "length", "max_headers", "raw", "refuse", "upgrade", "url",
-        "ws_keys", "ws_version",
+        "complete", "connection", "length", "max_headers", "raw", "refuse", "url", "ws_keys",
+        "ws_version",
     )  # fmt: skip
 
     def __init__(self, max_headers: int) -> None:
@@ -65,7 +65,6 @@ class _Head:
         self.complete = False
         self.refuse = False  # a header that only aiohttp's path handles
         self.connection: set[bytes] = set()  # the tokens of Connection, lowercase
-        self.upgrade = False  # llhttp saw an upgrade (Upgrade + Connection: upgrade)
         self.ws_keys: list[bytes] = []  # Sec-WebSocket-Key values
         self.ws_version: list[bytes] = []  # Sec-WebSocket-Version values
 
@@ -300,7 +299,8 @@ class FrontProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def switch_to(self, protocol: asyncio.Protocol) -> None:
-        """A WebSocket now: every byte from here on (buffered ones first) is ``protocol``'s."""
+        """Every byte from here on (buffered ones first) is ``protocol``'s: aiohttp's
+        after a hand-over, a WebSocket splice's after a 101."""
         self._delegate = protocol
         data, self._buffer = bytes(self._buffer), bytearray()
         self.resume_reading()
@@ -438,14 +438,9 @@ class FrontProtocol(asyncio.Protocol):
         """Give the connection to aiohttp from the start of the current request on."""
         assert self.transport is not None
         self._front.handed_over += 1
-        delegate = self._delegate = self._front.fallback()
+        delegate = self._front.fallback()
         delegate.connection_made(self.transport)
-        data, self._buffer = bytes(self._buffer), bytearray()
-        if data:
-            delegate.data_received(data)
-        if self._eof:
-            delegate.eof_received()
-        self.resume_reading()
+        self.switch_to(delegate)
 
     def _continue(self) -> None:
         transport = self.transport
