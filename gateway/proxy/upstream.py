@@ -100,7 +100,9 @@ class _Connection(asyncio.Protocol):
         # Content-Length announces).
         self._parser: httptools.HttpResponseParser | None = None
         self._parser_spent = True
-        # Body bytes of the current (pushed) response still to come past the parser.
+        # A pushed response's Content-Length, from its head until the read that brought
+        # the head is parsed; then the body bytes still to come past the parser.
+        self._body_length = 0
         self._body_left = 0
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -127,8 +129,8 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
             if consumer is not None:
                 consumer.response_flush()
-                length = response._content_length() if not response.complete else 0
-                if length and response.status >= 200:
+                length, self._body_length = self._body_length, 0
+                if length and not response.complete:
                     self._body_left = length - response.body_received
                     self._parser_spent = True  # llhttp still counts that body: never reuse it
         except httptools.HttpParserUpgrade:
@@ -208,6 +210,8 @@ class _Connection(asyncio.Protocol):
         response._headers_done(status, parser.should_keep_alive())
         if response.no_body:
             self._finish_message(keep_alive_ok=True)
+        elif response.consumer is not None:
+            self._body_length = response._content_length()
 
     def on_body(self, body: bytes) -> None:
         response = self._response
@@ -466,26 +470,28 @@ class UpstreamResponse:
         self._fail(errors.UpstreamProtocolError(f"the sandbox closed the connection{detail}"))
 
     def _content_length(self) -> int:
-        """The Content-Length of a response without chunked framing, else 0 (llhttp has
-        refused duplicates and non-digits; a chunked body is always parsed)."""
-        length = 0
-        for name, value in self._raw_headers:
-            lower = name.lower()
-            if lower == b"transfer-encoding":
-                return 0
-            if lower == b"content-length":
-                length = int(value)
-        return length
+        """The Content-Length of a response without Transfer-Encoding, else 0 (such a
+        body is always parsed)."""
+        length, coding = self._framing()
+        return 0 if coding is not None or length is None else length
 
     def _raw_headers_expect_more(self) -> bool:
         # A response with neither Content-Length nor chunked framing ends at close.
+        length, coding = self._framing()
+        return length is not None or (coding is not None and b"chunked" in coding.lower())
+
+    def _framing(self) -> tuple[int | None, bytes | None]:
+        """The Content-Length and the Transfer-Encoding values (joined) the sandbox sent,
+        None for an absent one (llhttp has refused duplicate lengths and non-digits)."""
+        length: int | None = None
+        coding: bytes | None = None
         for name, value in self._raw_headers:
             lower = name.lower()
-            if lower == b"content-length" or (
-                lower == b"transfer-encoding" and b"chunked" in value.lower()
-            ):
-                return True
-        return False
+            if lower == b"content-length":
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+        return length, coding
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
