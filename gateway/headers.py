@@ -471,7 +471,7 @@ def trusted_request_id(
     """A trusted proxy's well-formed X-Request-Id, to keep (one id end to end); None for
     any other client's, which is ignored (the caller mints ``new_request_id``)."""
     if trusted_networks:
-        incoming = next((v for n, v in headers if n.lower() == "x-request-id"), None)
+        incoming = first_value(headers, "x-request-id")
         if incoming is not None and is_valid_request_id(incoming):
             peer = _parse_ip(peer_ip)
             if peer is not None and _is_trusted(peer[0], trusted_networks):

@@ -180,7 +180,7 @@ class _Connection(asyncio.Protocol):
         started = self._started
         self._inner.data_received(data)
         if self._started == started and not self.in_request and self._timer is None:
-            self._arm(self._listener.policy.header_timeout_seconds)
+            self.arm_header_timeout()
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received() if self._inner is not None else None
@@ -210,7 +210,7 @@ class _Connection(asyncio.Protocol):
         self._seen = transport
         self._listener._by_transport[transport] = self
         # The first request head is due within the header timeout of the connection itself.
-        self._arm(self._listener.policy.header_timeout_seconds)
+        self.arm_header_timeout()
         self._inner.connection_made(transport)
 
     def _read_proxy_header(self, data: bytes) -> None:

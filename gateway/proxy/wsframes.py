@@ -122,11 +122,11 @@ class FrameReader:
             if parsed is None:
                 self._head = data[position:]
                 return data[:position], None
-            event = self._judge(*parsed)
+            opcode, first, masked, length, header_end = parsed
+            event = self._judge(opcode, first, masked, length)
             if event is not None:
                 self.done = True
                 return data[:position], event
-            opcode, _, _, length, header_end = parsed
             if opcode == OP_CLOSE:
                 self._close = bytearray()
                 self._close_need = header_end - position + length
@@ -138,9 +138,7 @@ class FrameReader:
             return data, Boundary()
         return data, None
 
-    def _judge(
-        self, opcode: int, first: int, masked: bool, length: int, header_end: int
-    ) -> Event | None:
+    def _judge(self, opcode: int, first: int, masked: bool, length: int) -> Event | None:
         """None if the frame may pass; else why not. Counts the message size."""
         if masked != self._masked:
             return Broken("a frame masked on the wrong side")
