@@ -48,9 +48,7 @@ async def host(
 ) -> str:
     """The public Host of the echo upstream, exposed on the test module's ``SANDBOX`` id."""
     sandbox: str = request.module.SANDBOX
-    await writer.create(sandbox, address="127.0.0.2")
-    await writer.expose(sandbox, upstream.port)
-    return gateway.host(upstream.port, sandbox[:6])
+    return await gateway.expose(writer, sandbox, upstream.port)
 
 
 @pytest_asyncio.fixture

@@ -21,7 +21,6 @@ from tests.support.upstreams import Upstream, expected_sha256, start_upstream
 from tests.support.waiting import wait_until
 
 SANDBOX = "frontaa01"
-LABEL = "fronta"
 
 
 def _echoed(response: RawResponse) -> dict[str, Any]:
@@ -222,10 +221,9 @@ async def test_an_idle_keep_alive_connection_is_closed(
 ) -> None:
     """After an answer, a connection idle past keepalive_idle_seconds is closed."""
     gateway = short_idle_gateway
-    await writer.create(SANDBOX, address="127.0.0.2")
-    await writer.expose(SANDBOX, upstream.port)
+    host = await gateway.expose(writer, SANDBOX, upstream.port)
     async with RawConnection.open("127.0.0.1", gateway.port) as conn:
-        await conn.send(request_bytes("GET", "/", [("Host", gateway.host(upstream.port, LABEL))]))
+        await conn.send(request_bytes("GET", "/", [("Host", host)]))
         _echoed(await conn.read_response())
         assert await conn.closed_by_peer(wait=5.0)
 
@@ -235,9 +233,7 @@ async def test_a_connection_in_use_past_the_idle_limit_stays_open(
 ) -> None:
     """Requests 0.1 s apart for three idle limits (0.3 s): one connection answers all."""
     gateway = short_idle_gateway
-    await writer.create(SANDBOX, address="127.0.0.2")
-    await writer.expose(SANDBOX, upstream.port)
-    host = gateway.host(upstream.port, LABEL)
+    host = await gateway.expose(writer, SANDBOX, upstream.port)
     async with RawConnection.open("127.0.0.1", gateway.port) as conn:
         for i in range(9):
             await conn.send(request_bytes("GET", f"/r{i}", [("Host", host)]))
@@ -272,9 +268,7 @@ async def test_a_pipelined_partial_head_is_held_only_for_the_header_timeout(
     """A whole request and the start of another that never completes: the answer, then a
     close once the header timeout (0.5 s) has run from the end of the first request."""
     gateway = short_header_gateway
-    await writer.create(SANDBOX, address="127.0.0.2")
-    await writer.expose(SANDBOX, upstream.port)
-    host = gateway.host(upstream.port, LABEL)
+    host = await gateway.expose(writer, SANDBOX, upstream.port)
     async with RawConnection.open("127.0.0.1", gateway.port) as conn:
         await conn.send(request_bytes("GET", "/one", [("Host", host)]) + b"GET /tw")
         assert _echoed(await conn.read_response())["path_qs"] == "/one"
@@ -394,10 +388,9 @@ async def test_a_sandbox_header_with_8_bit_bytes_is_relayed_byte_for_byte(
     app.router.add_get("/", named)
     server = await start_upstream("127.0.0.2", app)
     try:
-        await writer.create(SANDBOX, address="127.0.0.2")
-        await writer.expose(SANDBOX, server.port)
+        host = await gateway.expose(writer, SANDBOX, server.port)
         async with RawConnection.open("127.0.0.1", gateway.port) as conn:
-            await conn.send(request_bytes("GET", "/", [("Host", gateway.host(server.port, LABEL))]))
+            await conn.send(request_bytes("GET", "/", [("Host", host)]))
             response = await conn.read_response()
     finally:
         await server.stop()

@@ -71,6 +71,12 @@ class GatewayHandle:
         """The public Host header of ``{port}-{label}``."""
         return f"{port}-{label}.{DOMAIN}"
 
+    async def expose(self, writer: store.RouteWriter, sandbox: str, port: int) -> str:
+        """Create ``sandbox`` on 127.0.0.2 with ``port`` exposed; its public Host."""
+        await writer.create(sandbox, address="127.0.0.2")
+        await writer.expose(sandbox, port)
+        return self.host(port, sandbox[:6])
+
 
 @contextlib.asynccontextmanager
 async def running_gateway(
