@@ -38,7 +38,7 @@ from http import HTTPStatus
 from gateway import errors, headers
 from gateway.headers import HeaderPairs
 from gateway.proxy.accounting import RequestRecord
-from gateway.proxy.handler import EdgeHandler, HeadFacts, PendingPlan
+from gateway.proxy.handler import EdgeHandler, HeadFacts, PendingPlan, reset_client
 from gateway.proxy.http import Answer, RequestPlan, request_head
 from gateway.proxy.pages import Page
 from gateway.proxy.sessions import Session
@@ -254,11 +254,6 @@ class Exchange:
         if self._upstream is not None:
             self._upstream.resume_reading()
 
-    async def stop(self, reason: str) -> None:
-        """End the exchange by resetting the client (its route closed or moved)."""
-        log.info("ending a stream to %s: %s", self._record.port, reason)
-        self.abort_client()
-
     # ResponseConsumer: called from the sandbox connection's callbacks ---------------
 
     def response_head(self, response: UpstreamResponse) -> None:
@@ -406,7 +401,8 @@ class Exchange:
         if plan.websocket:
             self._open_websocket(plan)
             return
-        self._session = self._handler.hold_exchange(plan, self._record, self.stop)
+        stop = reset_client(self._client.transport, plan.target.port)
+        self._session = self._handler.hold_exchange(plan, self._record, stop)
         request = self._request
         request_id = [(headers.REQUEST_ID, plan.request_id)]
         self._head = request_head(request.method, plan.path, request_id, block=plan.upstream_block)

@@ -330,13 +330,7 @@ class EdgeHandler:
     ) -> Iterator[None]:
         """``hold_exchange`` .. ``release_exchange`` around a ``with`` block, ending the
         exchange by resetting the client's ``transport``."""
-
-        async def stop(reason: str) -> None:
-            log.info("ending a stream to %s: %s", plan.target.port, reason)
-            if transport is not None:
-                transport.abort()
-
-        session = self.hold_exchange(plan, record, stop)
+        session = self.hold_exchange(plan, record, reset_client(transport, plan.target.port))
         try:
             yield
         finally:
@@ -462,6 +456,18 @@ class EdgeHandler:
                 f"the route of sandbox {label} points outside the sandbox networks",
                 label=label, port=upstream.port,
             )  # fmt: skip
+
+
+def reset_client(transport: asyncio.Transport | None, port: int) -> Stop:
+    """The ``stop`` of an HTTP exchange: reset the client's connection (a broken transfer
+    is the only honest end once the answer has begun)."""
+
+    async def stop(reason: str) -> None:
+        log.info("ending a stream to %s: %s", port, reason)
+        if transport is not None:
+            transport.abort()
+
+    return stop
 
 
 def _text_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
