@@ -40,7 +40,6 @@ from gateway.headers import HeaderPairs
 from gateway.proxy.accounting import RequestRecord
 from gateway.proxy.handler import EdgeHandler, HeadFacts, PendingPlan, reset_client
 from gateway.proxy.http import Answer, RequestPlan, request_head
-from gateway.proxy.pages import Page
 from gateway.proxy.sessions import Session
 from gateway.proxy.upstream import UpstreamResponse
 from gateway.proxy.wssplice import WebSocketSplice
@@ -532,8 +531,7 @@ class Exchange:
         if self._state == _DONE:
             return
         self._drop_upstream()
-        page = self._handler.error_page(error, self._record, self._request.headers)
-        self._answer(_page_answer(page))
+        self._answer(self._handler.error_page(error, self._record, self._request.headers))
 
     def _client_stalled(self) -> None:
         """No request body byte for ``read_idle_seconds``, or a half-close before the
@@ -606,10 +604,6 @@ def _connection_line(keep_alive: bool, http10: bool) -> bytes | None:
     if not keep_alive:
         return b"Connection: close"
     return b"Connection: keep-alive" if http10 else None
-
-
-def _page_answer(page: Page) -> Answer:
-    return Answer(page.status, page.headers, page.body)
 
 
 def _reason(status: int) -> bytes:

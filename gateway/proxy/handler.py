@@ -168,7 +168,7 @@ class EdgeHandler:
         try:
             response = await self._route(request, facts, record)
         except errors.EdgeError as exc:
-            response = _page_response(self.error_page(exc, record, request_headers), request)
+            response = _answer_response(self.error_page(exc, record, request_headers), request)
         except asyncio.CancelledError:
             if not record.closed:
                 record.outcome = "client_gone"
@@ -297,8 +297,8 @@ class EdgeHandler:
 
     def error_page(
         self, error: errors.EdgeError, record: RequestRecord, request_headers: HeaderPairs
-    ) -> pages.Page:
-        """The answer to a refused request; ``record`` says so."""
+    ) -> Answer:
+        """The answer to a refused request (its error page); ``record`` says so."""
         # Errors raised below the handler don't know the target; the handler does. Each
         # part separately: a host error may know the port but not the (invalid) label.
         if error.label is None:
@@ -310,9 +310,10 @@ class EdgeHandler:
         if error.code in MISS_CODES:
             self._misses.miss(record.client_ip)
         record.status = error.status
-        return pages.render(
+        page = pages.render(
             error, request_id=record.request_id, html_wanted=headers.wants_html(request_headers)
         )
+        return Answer(page.status, page.headers, page.body)
 
     async def _route(
         self, request: web.BaseRequest, facts: HeadFacts, record: RequestRecord
@@ -496,10 +497,6 @@ def _close_after(request: web.BaseRequest) -> None:
     """
     request._message = request._message._replace(should_close=True)
     request._cache.pop("keep_alive", None)
-
-
-def _page_response(page: pages.Page, request: web.BaseRequest) -> web.Response:
-    return _answer_response(Answer(page.status, page.headers, page.body), request)
 
 
 def _peer_ip(request: web.BaseRequest) -> str:
