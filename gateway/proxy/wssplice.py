@@ -43,6 +43,8 @@ log = logging.getLogger("gateway.websocket")
 # How long a gateway-initiated close waits for the peers' answers before the TCP
 # connections are closed anyway (lifecycle enforcement must end sessions within 2 s).
 CLOSE_GRACE_SECONDS = 1.0
+# The sandbox's answer to the upgrade, its fields together: past this it is broken.
+MAX_HANDSHAKE_HEAD_BYTES = 64 * 1024
 # A client frame with more than this still to come is "large" (see keep_spare).
 LARGE_FRAME_BYTES = 256 * 1024
 _HANDSHAKE, _OPEN, _ENDED = range(3)
@@ -506,7 +508,7 @@ class _SandboxSide(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value)
-        if self._head_bytes > 64 * 1024:
+        if self._head_bytes > MAX_HANDSHAKE_HEAD_BYTES:
             raise errors.UpstreamProtocolError("the sandbox sent a response head without end")
         self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
