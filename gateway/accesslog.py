@@ -86,7 +86,9 @@ def _text_or_null(value: str | None) -> str:
     return "null" if value is None else _text(value)
 
 
-def _number(value: float | None) -> str:
+def _number(value: int | float | None) -> str:
+    # int | float, not float: compiled code turns an int passed as float into one
+    # (a port would print as 3000.0).
     return "null" if value is None else repr(value)
 
 

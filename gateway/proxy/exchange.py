@@ -52,6 +52,8 @@ BODY_HIGH_WATER_BYTES = 256 * 1024
 _NO_BODY_STATUSES = frozenset((204, 304))
 _T = typing.TypeVar("_T")
 _PLANNING, _SENDING, _WAITING, _STREAMING, _UPGRADED, _DONE = range(6)
+# The name of an exchange's one Task (a lookup or a connect), for tests and debugging.
+TASK_NAME = "exchange-wait"
 
 
 class Client(typing.Protocol):
@@ -198,7 +200,9 @@ class Exchange:
             if isinstance(decided, PendingPlan):
                 looking_up = self._handler.lookup(decided.label)
                 forward = functools.partial(self._forward_after_lookup, decided)
-                self._task = self._loop.create_task(self._after(looking_up, forward))
+                self._task = self._loop.create_task(
+                    self._after(looking_up, forward), name=TASK_NAME
+                )
             elif isinstance(decided, Answer):
                 self._answer(decided)
             else:
@@ -431,7 +435,7 @@ class Exchange:
         upstream = pool.begin(plan.target, self, head_only=head_only)
         if upstream is None:
             connecting = pool.connect_and_begin(plan.target, self, head_only=head_only)
-            self._task = self._loop.create_task(self._after(connecting, self._send))
+            self._task = self._loop.create_task(self._after(connecting, self._send), name=TASK_NAME)
         else:
             self._send(upstream)
 

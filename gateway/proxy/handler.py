@@ -403,9 +403,13 @@ class EdgeHandler:
         client_side.headers[headers.REQUEST_ID] = record.request_id
         try:
             await client_side.prepare(request)
-        except BaseException:
+        except BaseException as exc:
+            failure: BaseException | None = exc  # closed below: no await in a handler
+        else:
+            failure = None
+        if failure is not None:
             await sandbox_side.close()
-            raise
+            raise failure
         record.status = 101
         session = websocket.WebSocketSession(client_side, sandbox_side)
         target = plan.target

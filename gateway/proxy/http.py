@@ -148,7 +148,7 @@ async def _relay_response(
     response.headers[headers.REQUEST_ID] = record.request_id
     try:
         await response.prepare(request)
-        async for chunk in upstream.iter_body(idle_seconds=read_idle_seconds):
+        while chunk := await upstream.read_chunk(idle_seconds=read_idle_seconds):
             record.bytes_out += len(chunk)
             await response.write(chunk)
         await response.write_eof()

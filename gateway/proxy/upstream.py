@@ -389,10 +389,6 @@ class UpstreamResponse:
         if self._connection is not None:
             self._connection.resume_reading()
 
-    async def iter_body(self, *, idle_seconds: float) -> AsyncIterator[bytes]:
-        while chunk := await self.read_chunk(idle_seconds=idle_seconds):
-            yield chunk
-
     def release(self) -> None:
         connection, self._connection = self._connection, None
         if connection is None:
@@ -575,15 +571,17 @@ class UpstreamPool:
                 timer.cancel()
         except errors.UpstreamProtocolError:
             response.release()
-            if connection.reused and body is None and not response.got_bytes:
-                # The sandbox closed an idle keep-alive connection just as we reused it;
-                # nothing was processed, so a bodiless request is safe to send again.
-                return await self.request(target, head, None, chunked=False, head_only=head_only)
-            raise
+            if not (connection.reused and body is None and not response.got_bytes):
+                raise
         except BaseException:
             response.release()
             raise
-        return response
+        else:
+            return response
+        # The sandbox closed an idle keep-alive connection just as we reused it; nothing
+        # was processed, so a bodiless request is safe to send again. (Awaited outside
+        # the handler: see gateway/compiled.py on awaits in except and finally.)
+        return await self.request(target, head, None, chunked=False, head_only=head_only)
 
     def begin(
         self, target: Upstream, consumer: ResponseConsumer, *, head_only: bool
@@ -650,13 +648,17 @@ class UpstreamPool:
         assert response._head_ready is not None
         try:
             await asyncio.wait((sender, response._head_ready), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not sender.done():
-                # The sandbox answered (or broke the protocol) mid-body, or the client
-                # went away: stop sending; the connection won't be reused.
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await sender
+        except BaseException:
+            # The client went away: stop sending (the cancelled sender ends on its own;
+            # nothing is awaited in a handler, see gateway/compiled.py).
+            sender.cancel()
+            raise
+        if not sender.done():
+            # The sandbox answered (or broke the protocol) mid-body: stop sending; the
+            # connection won't be reused.
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
         if sender.cancelled():
             return
         failure = sender.exception()
@@ -723,11 +725,13 @@ class UpstreamPool:
                     raise errors.UpstreamRefused(
                         f"nothing is listening on port {target.port}"
                     ) from None
-                await asyncio.sleep(_CONNECT_RETRY_STEP_SECONDS)
             except OSError as exc:
                 raise errors.UpstreamRefused(
                     f"port {target.port} of the sandbox is unreachable: {exc.strerror}"
                 ) from None
+            # Refused with time left: the sandbox's server may be starting. (Awaited
+            # outside the handler: see gateway/compiled.py.)
+            await asyncio.sleep(_CONNECT_RETRY_STEP_SECONDS)
 
     def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
         connections = self._idle.get(key)

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import websockets
 from aiohttp import web
 
+from gateway.proxy.exchange import TASK_NAME
 from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, running_gateway
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
@@ -46,11 +47,15 @@ async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_ta
 ) -> None:
     """After the first request (lookup, connect), the next ones run in callbacks only."""
     loop = asyncio.get_running_loop()
-    started: list[str] = []
+    started: list[asyncio.Task[Any]] = []
 
-    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        started.append(getattr(coro, "__qualname__", ""))
-        return asyncio.Task(coro, loop=loop, **kwargs)
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        started.append(task)  # named after the factory returns: read the names later
+        return task
+
+    def exchange_tasks() -> list[asyncio.Task[Any]]:
+        return [task for task in started if task.get_name() == TASK_NAME]
 
     previous = loop.get_task_factory()
     loop.set_task_factory(counting)
@@ -58,7 +63,7 @@ async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_ta
         async with RawConnection.open("127.0.0.1", gateway.port) as conn:
             await conn.send(request_bytes("GET", "/first", [("Host", host)]))
             assert _echoed(await conn.read_response())["path_qs"] == "/first"
-            first = [name for name in started if name.startswith("Exchange.")]
+            first = exchange_tasks()
             started.clear()
             for i in range(5):
                 await conn.send(request_bytes("GET", f"/next{i}", [("Host", host)]))
@@ -66,7 +71,7 @@ async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_ta
     finally:
         loop.set_task_factory(previous)
     assert first, "the first request waited for nothing: the test proves nothing"
-    assert [name for name in started if name.startswith("Exchange.")] == []
+    assert exchange_tasks() == []
 
 
 async def test_a_length_body_in_many_reads_leaves_the_sandbox_connection_reusable(
