@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bench import procs
 from bench.stack import REPO, redis_binary
+from gateway import compiled
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ async def describe(group: procs.ProcessGroup, *, nginx_version: str, layout: str
     revision = head.stdout.strip() or "unknown"
     if dirty.stdout.strip():
         revision += f" + uncommitted changes in {len(dirty.stdout.splitlines())} gateway/ file(s)"
+    revision += f", {compiled.describe_build()}"
     return Machine(
         cpu_model=_cpu_model(),
         cores=os.cpu_count() or 1,

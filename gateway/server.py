@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import embedded, errors
+from gateway import compiled, embedded, errors
 from gateway.accesslog import AccessLog
 from gateway.config import Config, ConfigError, Endpoint
 from gateway.control import api
@@ -97,6 +97,7 @@ async def serve(config: Config, *, on_ready: Callable[[dict[str, str]], None]) -
                 "listen": str(running.listen),
                 "admin": str(running.admin),
                 "redis": url,
+                "build": compiled.describe_build(),
             }
         )
         await stop.wait()

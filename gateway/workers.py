@@ -24,7 +24,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
-from gateway import errors
+from gateway import compiled, errors
 from gateway.config import Config, Endpoint
 from gateway.server import check_admin_binding, redis_for
 
@@ -126,7 +126,7 @@ async def serve_workers(
                 raise
             on_ready({
                 "event": "ready", "listen": str(listen), "admin": str(admin), "redis": url,
-                "workers": str(config.workers),
+                "workers": str(config.workers), "build": compiled.describe_build(),
             })  # fmt: skip
             codes = await asyncio.gather(*(_supervise(w, stopping) for w in workers))
     return 0 if all(code == 0 for code in codes) else 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from gateway import compiled
 from gateway.routing import schema
 from tests.integration.test_cli import Ran, assert_one_line_error, cli_env, run_cli
 from tests.support.gateway import LOOPBACK_ARGS, ServeProcess
@@ -70,8 +71,9 @@ async def test_embedded_default_end_to_end(state_dir: Path) -> None:
     served = await ServeProcess.start(LOOPBACK_ARGS, env=env)
     try:
         ready = served.ready
-        assert set(ready) == {"event", "listen", "admin", "redis"}
+        assert set(ready) == {"event", "listen", "admin", "redis", "build"}
         assert ready["event"] == "ready"
+        assert ready["build"] == compiled.describe_build()  # the same tree runs both
         assert ready["redis"] == f"unix://{state_dir}/redis.sock"
         host, _, port_text = ready["listen"].rpartition(":")
         assert host == "127.0.0.1" and int(port_text) > 0
