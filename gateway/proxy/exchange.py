@@ -104,10 +104,10 @@ class Watchdog:
     the exchange then in progress (a later request's), it moves on to that deadline.
     """
 
-    __slots__ = ("_exchange", "_loop", "_timer")
+    __slots__ = ("_exchange", "_timer", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop  # the connection's, for its exchanges too
         self._timer: asyncio.TimerHandle | None = None
         self._exchange: Exchange | None = None
 
@@ -118,7 +118,7 @@ class Watchdog:
         if timer is None or timer.when() > due:
             if timer is not None:
                 timer.cancel()
-            self._timer = self._loop.call_at(due, self._fire)
+            self._timer = self.loop.call_at(due, self._fire)
 
     def forget(self, exchange: Exchange) -> None:
         if self._exchange is exchange:
@@ -167,7 +167,8 @@ class Exchange:
         self._record = handler.new_record(request.method, request.path, request.facts)
         self._keep_alive = request.keep_alive
         self._read_idle = read_idle_seconds
-        self._loop = asyncio.get_running_loop()
+        # Not asyncio.get_running_loop(): on Python 3.11 each call is a getpid syscall.
+        self._loop = watchdog.loop
         self._state = _PLANNING
         self._body_remaining = request.body_length
         self._body_pending: list[bytes] = []

@@ -191,6 +191,9 @@ class FrontProtocol(asyncio.Protocol):
 
     def __init__(self, front: Front) -> None:
         self._front = front
+        # Kept: on Python 3.11 each asyncio.get_running_loop() is a getpid syscall (it
+        # checks for a fork), which a request would otherwise make twice.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.peer_ip = "0.0.0.0"
         self._buffer = bytearray()
@@ -331,11 +334,11 @@ class FrontProtocol(asyncio.Protocol):
         self.resume_reading()
         if self._buffer:
             # The next pipelined request, on the next loop turn (not deeper in the stack).
-            asyncio.get_running_loop().call_soon(self._continue)
+            self._loop.call_soon(self._continue)
         elif self._eof:
             transport.close()
         else:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
             self._idle_since = loop.time()
             if self._idle_timer is None:
                 self._idle_timer = loop.call_at(
@@ -369,7 +372,7 @@ class FrontProtocol(asyncio.Protocol):
         if handler.listener is not None:
             handler.listener.request_started(self.transport)
         if self._watchdog is None:
-            self._watchdog = Watchdog(asyncio.get_running_loop())
+            self._watchdog = Watchdog(self._loop)
         exchange = self._exchange = Exchange(
             self, handler, request, read_idle_seconds=self._front.read_idle_seconds,
             watchdog=self._watchdog,
@@ -452,7 +455,7 @@ class FrontProtocol(asyncio.Protocol):
         since = self._idle_since
         if since is None or self.busy or self.transport is None:
             return  # in use again: the next idle moment arms a new timer
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         due = since + self._front.keepalive_idle_seconds
         if due > loop.time():
             self._idle_timer = loop.call_at(due, self._close_if_still_idle)
