@@ -12,8 +12,8 @@ checkout, the old build would run silently. ``refuse_stale_build`` (called when 
 package is imported) compares each compiled module's source with the digest recorded
 when it was built, and stops with an error naming the fix.
 
-Two rules for the compiled modules, each from a difference between mypyc and CPython
-(tests/unit/test_compiled.py checks both kinds of code for the first):
+Three rules for the compiled modules, each from a difference between mypyc and CPython
+(tests/unit/test_compiled.py checks the first):
 
 - No ``await`` (or ``async with``/``async for``) inside an ``except`` or ``finally``
   block: a compiled coroutine that suspends there can raise the handled exception
@@ -21,6 +21,9 @@ Two rules for the compiled modules, each from a difference between mypyc and CPy
   https://github.com/mypyc/mypyc/issues/1177). Handle, then await after the block.
 - A parameter typed ``float`` turns an ``int`` into a float (``3000`` arrives as
   ``3000.0``): type what may be either as ``int | float``.
+- A dataclass keeps the ``__init__`` the dataclasses module generates, which runs
+  interpreted (measured: 212 ns against 36 ns compiled, for two fields): a class built
+  per request is a plain class with its own ``__init__``.
 
 Pure: standard library only, so ``setup.py`` can read ``MODULES`` before anything is
 installed.
@@ -43,6 +46,7 @@ MODULES = (
     "gateway.proxy.exchange",
     "gateway.proxy.front",
     "gateway.proxy.handler",
+    "gateway.proxy.http",
     "gateway.proxy.sessions",
     "gateway.proxy.upstream",
     "gateway.proxy.wsframes",

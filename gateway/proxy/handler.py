@@ -115,14 +115,17 @@ class HeadFacts:
         return base
 
 
-@dataclass(slots=True)
 class PendingPlan:
-    """A request whose route needs a lookup first (``EdgeHandler.plan_now``)."""
+    """A request whose route needs a lookup first (``EdgeHandler.plan_now``). A plain
+    class: a compiled dataclass keeps an interpreted ``__init__`` (gateway/compiled.py)."""
 
-    raw_path: str
-    facts: HeadFacts
-    request_id: str
-    websocket: bool
+    __slots__ = ("facts", "raw_path", "request_id", "websocket")
+
+    def __init__(self, raw_path: str, facts: HeadFacts, request_id: str, websocket: bool):
+        self.raw_path = raw_path
+        self.facts = facts
+        self.request_id = request_id
+        self.websocket = websocket
 
     @property
     def label(self) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 import typing
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
@@ -56,18 +55,33 @@ class UpstreamFields(typing.Protocol):
     def upstream_block(self, host_rewrite_port: int | None) -> bytes: ...
 
 
-# Not frozen: one is built per request, and a frozen init costs a setattr call per field.
-@dataclass(slots=True)
 class RequestPlan:
-    """What the handler decided to send: the target and the upstream request headers."""
+    """What the handler decided to send: the target and the upstream request headers.
 
-    target: Upstream
-    path: str
-    fields: UpstreamFields
-    request_id: str
-    websocket: bool = False  # a WebSocket upgrade, to be relayed rather than forwarded
-    # Upstream connections this sandbox may hold at once (gateway/proxy/connlimit.py).
-    connection_limit: int = 0
+    A plain class, built per request: not frozen (a frozen init costs a setattr call
+    per field), not a dataclass (compiled, its ``__init__`` would stay interpreted:
+    gateway/compiled.py).
+    """
+
+    __slots__ = ("connection_limit", "fields", "path", "request_id", "target", "websocket")
+
+    def __init__(
+        self,
+        target: Upstream,
+        path: str,
+        fields: UpstreamFields,
+        request_id: str,
+        *,
+        websocket: bool = False,
+        connection_limit: int = 0,
+    ) -> None:
+        self.target = target
+        self.path = path
+        self.fields = fields
+        self.request_id = request_id
+        self.websocket = websocket  # a WebSocket upgrade, to be relayed, not forwarded
+        # Upstream connections this sandbox may hold at once (gateway/proxy/connlimit.py).
+        self.connection_limit = connection_limit
 
     @property
     def upstream_headers(self) -> list[tuple[str, str]]:
@@ -116,7 +130,7 @@ async def forward_http(
     if expect and has_body:
         outgoing.append(("Expect", "100-continue"))
     head = request_head(request.method, plan.path, outgoing)
-    body = _client_body(request, record, send_continue=expect) if has_body else None
+    body = _ClientBody(request, record, send_continue=expect) if has_body else None
     sent = time.monotonic()
     upstream = await pool.request(
         plan.target, head, body, chunked=chunked, head_only=request.method == "HEAD",
@@ -169,15 +183,23 @@ def abort_downstream(request: web.BaseRequest) -> None:
         request.transport.abort()
 
 
-async def _client_body(
-    request: web.BaseRequest, record: RequestRecord, *, send_continue: bool
-) -> AsyncIterator[bytes]:
-    if send_continue:
-        # The sandbox asked for the body (or didn't answer in time): now tell the client.
-        await request.writer.write(_CONTINUE)
-    while chunk := await request.content.readany():
-        record.bytes_in += len(chunk)
-        yield chunk
+class _ClientBody:
+    """The client's request body as the sandbox gets it (``upstream.RequestBody``),
+    counted into the record; sends the client its 100 Continue before the first read."""
+
+    def __init__(self, request: web.BaseRequest, record: RequestRecord, *, send_continue: bool):
+        self._request = request
+        self._record = record
+        self._send_continue = send_continue
+
+    async def read(self) -> bytes:
+        if self._send_continue:
+            # The sandbox asked for the body (or didn't answer in time): tell the client.
+            self._send_continue = False
+            await self._request.writer.write(_CONTINUE)
+        chunk = await self._request.content.readany()
+        self._record.bytes_in += len(chunk)
+        return chunk
 
 
 def request_head(

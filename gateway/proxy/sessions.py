@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 
 from gateway import errors
 from gateway.routing import model
@@ -22,15 +21,23 @@ log = logging.getLogger("gateway.sessions")
 Stop = Callable[[str], Awaitable[None]]
 
 
-@dataclass(eq=False, slots=True)
 class Session:
-    label: str
-    port: int
-    incarnation: str
-    stop: Stop
-    # WebSockets only: end the session asking the client to reconnect (drain).
-    restart: Stop | None = None
-    stopping: bool = field(default=False)
+    """One request or WebSocket session in progress to a sandbox's port; compared by
+    identity. A plain class: one is made per request, and a compiled dataclass keeps an
+    interpreted ``__init__`` (gateway/compiled.py)."""
+
+    __slots__ = ("incarnation", "label", "port", "restart", "stop", "stopping")
+
+    def __init__(
+        self, label: str, port: int, incarnation: str, stop: Stop, restart: Stop | None = None
+    ) -> None:
+        self.label = label
+        self.port = port
+        self.incarnation = incarnation
+        self.stop = stop
+        # WebSockets only: end the session asking the client to reconnect (drain).
+        self.restart = restart
+        self.stopping = False
 
 
 class ActiveSessions:

@@ -31,7 +31,7 @@ import collections
 import contextlib
 import time
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
@@ -80,6 +80,13 @@ class ResponseConsumer(typing.Protocol):
     def response_flush(self) -> None: ...
     def sandbox_write_paused(self) -> None: ...
     def sandbox_write_resumed(self) -> None: ...
+
+
+class RequestBody(typing.Protocol):
+    """A request body for the awaiting way, read piece by piece."""
+
+    async def read(self) -> bytes:
+        """The next piece; ``b""`` once the body is complete."""
 
 
 class _HeadTooLarge(Exception):
@@ -528,7 +535,7 @@ class UpstreamPool:
         self,
         target: Upstream,
         head: bytes,
-        body: AsyncIterator[bytes] | None,
+        body: RequestBody | None,
         *,
         chunked: bool,
         head_only: bool,
@@ -632,7 +639,7 @@ class UpstreamPool:
         self,
         connection: _Connection,
         response: UpstreamResponse,
-        body: AsyncIterator[bytes],
+        body: RequestBody,
         chunked: bool,
         expect_continue: bool,
     ) -> None:
@@ -670,7 +677,7 @@ class UpstreamPool:
         self,
         connection: _Connection,
         response: UpstreamResponse,
-        body: AsyncIterator[bytes],
+        body: RequestBody,
         chunked: bool,
         expect_continue: bool,
     ) -> None:
@@ -683,7 +690,7 @@ class UpstreamPool:
                     await response._continue.wait()
             if response.status >= 200 or response._error is not None:
                 return  # the sandbox answered without wanting the body
-        async for chunk in body:
+        while chunk := await body.read():
             if response.status >= 200 or connection.closed:
                 return  # an early final answer: stop sending (the connection won't be reused)
             if chunked:

@@ -18,7 +18,8 @@ def _line(record: RequestRecord, *, include_query: bool = False) -> dict[str, ob
 
 def test_a_line_is_one_json_object_with_every_field() -> None:
     """Every field is present, typed as documented, None as null."""
-    record = RequestRecord(request_id="abc", method="GET", path="/x?token=1", host="h")
+    record = RequestRecord(request_id="abc", method="GET", path="/x?token=1")
+    record.host = "h"
     record.finish()
     entry = _line(record)
     assert set(entry) == {
@@ -34,13 +35,15 @@ def test_a_line_is_one_json_object_with_every_field() -> None:
 def test_hostile_text_is_escaped_not_injected() -> None:
     """Quotes, newlines, control and undecodable bytes in client text stay inside their field."""
     nasty = 'a"b\\c\n{"x":1}\x00\udcff'
-    record = RequestRecord(request_id="r", method=nasty, path="/" + nasty, host=nasty)
-    record.client_ip, record.label, record.port, record.code = nasty, "lbl", 3000, "upstream_error"
+    record = RequestRecord(request_id="r", method=nasty, path="/" + nasty)
+    record.host, record.client_ip, record.label = nasty, nasty, "lbl"
+    record.port, record.code = 3000, "upstream_error"
     record.upstream_seconds = 0.0012345
     entry = _line(record, include_query=True)
     assert entry["method"] == nasty and entry["host"] == nasty and entry["clientIp"] == nasty
     assert entry["path"] == "/" + nasty
     assert entry["port"] == 3000 and entry["code"] == "upstream_error"
+    assert isinstance(entry["port"], int)  # not 3000.0 (compiled code and float params)
     assert entry["upstreamMs"] == 1.234
 
 
