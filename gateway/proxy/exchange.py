@@ -279,12 +279,8 @@ class Exchange:
             tail.append(b"Transfer-Encoding: chunked")
         if connection := _connection_line(self._keep_alive, request.http10):
             tail.append(connection)
-        # A sandbox's reason phrase with control bytes is not copied (catalogue UPR-05).
-        reason = headers.relayable_reason(response.reason)
-        self._out.append(
-            _response_head(response.status, reason.encode("latin-1") if reason else None,
-                           relayed.lines, tail)
-        )  # fmt: skip
+        status_line = _relayed_status_line(response.status, response.reason_bytes)
+        self._out.append(_response_head(status_line, relayed.lines, tail))
         self._head_sent = True
         self._state = _STREAMING
         self._last_progress = self._loop.time()
@@ -527,7 +523,8 @@ class Exchange:
             tail.append(connection)
         body = b"" if request.method == "HEAD" else answer.body
         if self._client.transport is not None:
-            head = _response_head(answer.status, None, _field_lines(answer.headers), tail)
+            status_line = _status_line(answer.status, None)
+            head = _response_head(status_line, _field_lines(answer.headers), tail)
             self._client.transport.write(head + body)
         self._done(self._keep_alive)
 
@@ -591,11 +588,36 @@ class RelayedFields:
         self.has_date = "date" in names
 
 
-def _response_head(status: int, reason: bytes | None, lines: bytes, tail: list[bytes]) -> bytes:
-    """A status line (the standard reason when ``reason`` is None), the header ``lines``
-    (``_field_lines``), and the already encoded ``tail`` lines."""
-    status_line = b"HTTP/1.1 %d %s\r\n" % (status, _reason(status) if reason is None else reason)
+def _response_head(status_line: bytes, lines: bytes, tail: list[bytes]) -> bytes:
+    """A head from its status line, the header ``lines`` (``_field_lines``) and the
+    already encoded ``tail`` lines."""
     return status_line + lines + b"\r\n".join(tail) + (b"\r\n\r\n" if tail else b"\r\n")
+
+
+def _status_line(status: int, reason: bytes | None) -> bytes:
+    """``HTTP/1.1 {status} {reason}`` and CRLF; the standard reason when it is None."""
+    return b"HTTP/1.1 %d %s\r\n" % (status, _reason(status) if reason is None else reason)
+
+
+# Status lines of sandbox answers by (status, reason as sent): a sandbox answers with a
+# few, and checking and encoding the reason was a twentieth of a small request. Bounded,
+# since the reasons are the sandboxes' to choose.
+_RELAYED_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
+_MAX_RELAYED_STATUS_LINES = 256
+
+
+def _relayed_status_line(status: int, reason: bytes) -> bytes:
+    """The status line for a sandbox's answer: its reason phrase unless that has control
+    bytes, then the standard one (catalogue UPR-05)."""
+    key = (status, reason)
+    line = _RELAYED_STATUS_LINES.get(key)
+    if line is None:
+        if len(_RELAYED_STATUS_LINES) >= _MAX_RELAYED_STATUS_LINES:
+            _RELAYED_STATUS_LINES.clear()
+        relayable = headers.relayable_reason(reason.decode("latin-1"))
+        line = _status_line(status, relayable.encode("latin-1") if relayable else None)
+        _RELAYED_STATUS_LINES[key] = line
+    return line
 
 
 def _field_lines(fields: HeaderPairs) -> bytes:

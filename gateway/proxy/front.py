@@ -360,7 +360,7 @@ class FrontProtocol(asyncio.Protocol):
             return
         head = bytes(buffer[: end + 4])
         request = None
-        if len(head) <= MAX_HEAD_BYTES and not _has_bare_cr_or_lf(head):
+        if len(head) <= MAX_HEAD_BYTES:
             request = self._request_of(head)
         if request is None:
             self._hand_over()
@@ -386,8 +386,12 @@ class FrontProtocol(asyncio.Protocol):
         # The header block (everything after the request line): when it is the one the
         # last request had, what it decides is known already (``_Known``); llhttp still
         # checks the whole head, but without a Python call per field.
-        block = head[head.find(b"\r\n") + 2 :]
+        line_end = head.find(b"\r\n") + 2
+        block = head[line_end:]
         known = self._known if self._known is not None and self._known.block == block else None
+        # A known block passed this check when it was new: only the request line is.
+        if _has_bare_cr_or_lf(head if known is None else head[:line_end]):
+            return None
         line: _Head | _RequestLine
         if known is not None:
             parsed, line = known.head, self._line

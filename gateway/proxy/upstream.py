@@ -342,6 +342,11 @@ class UpstreamResponse:
         return self._reason.decode("latin-1")
 
     @property
+    def reason_bytes(self) -> bytes:
+        """The reason phrase as the sandbox sent it."""
+        return self._reason
+
+    @property
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
         """The fields as the sandbox sent them (do not change the list)."""
         return self._raw_headers
