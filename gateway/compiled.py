@@ -41,6 +41,8 @@ MODULES = (
     "gateway.headers",
     "gateway.hostnames",
     "gateway.listener",
+    "gateway.metrics",
+    "gateway.missbudget",
     "gateway.proxy.accounting",
     "gateway.proxy.connlimit",
     "gateway.proxy.exchange",
