@@ -215,7 +215,12 @@ class Exchange:
 
     def request_body(self, data: bytes) -> bytes:
         """Take the body bytes in ``data``; return what follows the body (pipelined)."""
-        take = data[: self._body_remaining]
+        # Sliced only when the body ends inside ``data``: compiled, a slice copies even
+        # when it spans the whole object (a 256 KiB read of an upload, every time).
+        if len(data) <= self._body_remaining:
+            take, rest = data, b""
+        else:
+            take, rest = data[: self._body_remaining], data[self._body_remaining :]
         if take:
             self._body_remaining -= len(take)
             self._record.bytes_in += len(take)
@@ -227,7 +232,7 @@ class Exchange:
                 if sum(map(len, self._body_pending)) > BODY_HIGH_WATER_BYTES:
                     self._hold_client()
             # else: the sandbox answered before the whole body came; the rest is dropped
-        return data[len(take) :]
+        return rest
 
     @property
     def wants_body(self) -> bool:
