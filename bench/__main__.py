@@ -9,7 +9,7 @@ when every phase ran and nothing was left running; numbers are reported, never j
 
     python -m bench                      # the full suite, < 10 minutes
     python -m bench --quick --out x.json # the CI smoke, < 90 s
-    python -m bench --profile prof/      # also py-spy the gateway under wrk
+    python -m bench --profile prof/      # also py-spy and perf the gateway under wrk
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 import uvloop
 
-from bench import bulk, load, machine, procs, profile, propagation, scale, ws
+from bench import bulk, load, machine, nativeprofile, procs, profile, propagation, scale, ws
 from bench.plan import FULL, QUICK, Plan
 from bench.report import Table, dumps, num, render, times
 from bench.stack import Layout, Stack, start_stack
@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--profile", type=Path, metavar="DIR",
-        help="py-spy the gateway under wrk; flame graph and collapsed stacks to DIR",
+        help="py-spy and perf the gateway under wrk; flame graph, stacks, perf data to DIR",
     )  # fmt: skip
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
@@ -84,11 +84,13 @@ def _selected(only: str | None, profile_dir: Path | None) -> list[Phase]:
         phases = [p for p in PHASES if p.name in names]
     if profile_dir is not None:
         directory = profile_dir
-        phases.insert(
-            1 if phases and phases[0].name == "throughput" else 0,
+        at = 1 if phases and phases[0].name == "throughput" else 0
+        phases[at:at] = [
             Phase("profile", lambda s, p: profile.profile_gateway(s, p, directory),
                   lambda r, _: profile.profile_table(r), pinned=True),
-        )  # fmt: skip
+            Phase("native_profile", lambda s, p: nativeprofile.profile_native(s, p, directory),
+                  lambda r, _: nativeprofile.native_profile_table(r), pinned=True),
+        ]  # fmt: skip
     return phases
 
 

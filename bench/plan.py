@@ -42,6 +42,7 @@ class Plan:
     idle_batch: int
     # profile (only with --profile)
     profile_seconds: int
+    native_profile_seconds: int  # perf with dwarf call graphs: ~30 MB of data a second
     phase_timeout_seconds: float
 
 
@@ -66,6 +67,7 @@ FULL = Plan(
     idle_websockets=8000,
     idle_batch=250,
     profile_seconds=10,
+    native_profile_seconds=3,
     phase_timeout_seconds=240.0,
 )
 
@@ -90,5 +92,6 @@ QUICK = Plan(
     idle_websockets=1000,
     idle_batch=250,
     profile_seconds=3,
+    native_profile_seconds=1,
     phase_timeout_seconds=40.0,
 )
