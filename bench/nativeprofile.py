@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.load import parse_wrk, wrk_argv
 from bench.plan import Plan
-from bench.report import Table, num
+from bench.profile import under_wrk
+from bench.report import Table, num, side_by_side
 from bench.stack import Stack
 
 _SYMBOL_LINE = re.compile(r"^\s+([\d.]+)%\s+([\d.]+)%\s+\[(.)\]\s+(\S+)")
@@ -94,25 +94,14 @@ async def profile_native(stack: Stack, plan: Plan, outdir: Path) -> NativeProfil
     if shutil.which("perf") is None:
         raise RuntimeError("perf is not installed (Debian: apt-get install linux-perf)")
     await asyncio.to_thread(outdir.mkdir, parents=True, exist_ok=True)
-    target = stack.targets()[2]
     seconds = plan.native_profile_seconds
     data = outdir / "gateway.perf.data"
     result = NativeProfileResult(seconds=seconds, files=[str(data)])
-    record = stack.group.run(
-        "perf-record",
+    result.wrk_req_per_s = await under_wrk(
+        stack, plan, seconds,
         ["perf", "record", "-e", "cpu-clock", "--call-graph", "dwarf,16384", "-o", str(data),
          "-p", str(stack.gateway.pid), "--", "sleep", str(seconds)],
-        cpus=stack.cpus(stack.layout.load), time_limit=seconds + 60,
     )  # fmt: skip
-    load = stack.group.run(
-        "wrk", wrk_argv(target, seconds=seconds + 2, connections=plan.wrk_connections),
-        cpus=stack.cpus(stack.layout.load), time_limit=seconds + 60,
-    )  # fmt: skip
-    record_run, wrk_run = await asyncio.gather(record, load)
-    if record_run.returncode != 0:
-        raise RuntimeError(f"perf record failed: {record_run.stderr.strip()[-500:]}")
-    requests, run_seconds, *_ = parse_wrk(wrk_run.stdout)
-    result.wrk_req_per_s = requests / run_seconds if run_seconds else 0.0
     symbols = await _report(stack, data, "--children", "--sort", "symbol", "-g", "none")
     binaries = await _report(stack, data, "--no-children", "--sort", "dso", "-g", "none")
     result.top_compiled, result.top_self = parse_symbols(symbols)
@@ -131,14 +120,11 @@ async def _report(stack: Stack, data: Path, *how: str) -> str:
 
 
 def native_profile_table(result: NativeProfileResult) -> Table:
-    table = Table(
+    table = side_by_side(
         "Profile: the gateway under wrk (perf), % of samples",
         ["compiled function (inclusive)", "incl. %", "symbol (self)", "self %"],
-    )
-    for i in range(max(len(result.top_compiled), len(result.top_self))):
-        mine = result.top_compiled[i] if i < len(result.top_compiled) else ("", float("nan"))
-        own = result.top_self[i] if i < len(result.top_self) else ("", float("nan"))
-        table.rows.append([mine[0], num(mine[1], 1), own[0], num(own[1], 1)])
+        result.top_compiled, result.top_self,
+    )  # fmt: skip
     binaries = ", ".join(f"{name} {num(pct, 1)}%" for name, pct in result.by_binary)
     table.notes += [
         f"{result.samples} samples (perf record -e cpu-clock --call-graph dwarf) over "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.load import parse_wrk, wrk_argv
 from bench.plan import Plan
-from bench.report import Table, num
+from bench.report import Table, num, side_by_side
 from bench.stack import Stack
 
 _RATE = 250  # samples per second
@@ -110,42 +110,51 @@ async def profile_gateway(stack: Stack, plan: Plan, outdir: Path) -> ProfileResu
     if shutil.which("py-spy") is None:
         raise RuntimeError("py-spy is not installed (pip install py-spy)")
     await asyncio.to_thread(outdir.mkdir, parents=True, exist_ok=True)
-    target = stack.targets()[2]
     seconds = plan.profile_seconds
     result = ProfileResult(seconds=seconds)
     for fmt, name in (("raw", "gateway.collapsed.txt"), ("flamegraph", "gateway.svg")):
         path = outdir / name
-        spy = stack.group.run(
-            "py-spy",
+        req_per_s = await under_wrk(
+            stack, plan, seconds,
             ["py-spy", "record", "--pid", str(stack.gateway.pid), "--duration", str(seconds),
              "--rate", str(_RATE), "--format", fmt, "--output", str(path), "--nonblocking"],
-            cpus=stack.cpus(stack.layout.load), time_limit=seconds + 60,
         )  # fmt: skip
-        load = stack.group.run(
-            "wrk", wrk_argv(target, seconds=seconds + 2, connections=plan.wrk_connections),
-            cpus=stack.cpus(stack.layout.load), time_limit=seconds + 60,
-        )  # fmt: skip
-        spy_run, wrk_run = await asyncio.gather(spy, load)
-        if spy_run.returncode != 0:
-            raise RuntimeError(f"py-spy failed: {spy_run.stderr.strip()[-500:]}")
         result.files.append(str(path))
         if fmt == "raw":
-            requests, run_seconds, *_ = parse_wrk(wrk_run.stdout)
-            result.wrk_req_per_s = requests / run_seconds if run_seconds else 0.0
+            result.wrk_req_per_s = req_per_s
             summary = summarize(await asyncio.to_thread(path.read_text))
             result.samples, result.top_self, result.top_inclusive, result.by_package = summary
     return result
 
 
+async def under_wrk(stack: Stack, plan: Plan, seconds: int, profiler: list[str]) -> float:
+    """Run ``profiler`` (for ``seconds``) while wrk loads the gateway as in measurement 1;
+    wrk's req/s.
+
+    Raises:
+        RuntimeError: the profiler failed.
+    """
+    run = stack.group.run(
+        profiler[0], profiler, cpus=stack.cpus(stack.layout.load), time_limit=seconds + 60
+    )
+    load = stack.group.run(
+        "wrk", wrk_argv(stack.targets()[2], seconds=seconds + 2,
+                        connections=plan.wrk_connections),
+        cpus=stack.cpus(stack.layout.load), time_limit=seconds + 60,
+    )  # fmt: skip
+    profiled, loaded = await asyncio.gather(run, load)
+    if profiled.returncode != 0:
+        raise RuntimeError(f"{profiler[0]} failed: {profiled.stderr.strip()[-500:]}")
+    requests, run_seconds, *_ = parse_wrk(loaded.stdout)
+    return requests / run_seconds if run_seconds else 0.0
+
+
 def profile_table(result: ProfileResult) -> Table:
-    table = Table(
+    table = side_by_side(
         "Profile: the gateway under wrk (py-spy), % of samples",
         ["frame (self)", "self %", "frame (inclusive)", "incl. %"],
-    )
-    for i in range(max(len(result.top_self), len(result.top_inclusive))):
-        own = result.top_self[i] if i < len(result.top_self) else ("", float("nan"))
-        incl = result.top_inclusive[i] if i < len(result.top_inclusive) else ("", float("nan"))
-        table.rows.append([own[0], num(own[1], 1), incl[0], num(incl[1], 1)])
+        result.top_self, result.top_inclusive,
+    )  # fmt: skip
     packages = ", ".join(f"{name} {num(pct, 1)}%" for name, pct in result.by_package)
     table.notes += [
         f"{result.samples} samples at {result.rate}/s over {result.seconds} s while wrk ran "

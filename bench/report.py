@@ -23,6 +23,22 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
 
+def side_by_side(
+    title: str,
+    columns: list[str],
+    left: Sequence[tuple[str, float]],
+    right: Sequence[tuple[str, float]],
+) -> Table:
+    """Two rankings of (name, %) in one table, row by row (the profiles' layout)."""
+    table = Table(title, columns)
+    blank = ("", float("nan"))
+    for i in range(max(len(left), len(right))):
+        one = left[i] if i < len(left) else blank
+        other = right[i] if i < len(right) else blank
+        table.rows.append([one[0], num(one[1], 1), other[0], num(other[1], 1)])
+    return table
+
+
 def num(value: float | None, digits: int = 1) -> str:
     """A number for a table cell; ``-`` for a missing or NaN value."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
