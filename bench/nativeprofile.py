@@ -77,7 +77,7 @@ def parse_binaries(report: str) -> Shares:
     shares = []
     for line in report.splitlines():
         match = _DSO_LINE.match(line)
-        if match is not None and not line.lstrip().startswith("#"):
+        if match is not None:  # perf's comment lines start with "#", not a share
             shares.append((match.group(2), float(match.group(1))))
     return shares
 

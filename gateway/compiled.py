@@ -72,13 +72,18 @@ class StaleBuildError(ImportError):
 
 def source_files() -> list[str]:
     """The sources of ``MODULES``, relative to the repository root (for mypycify)."""
-    return [module.replace(".", "/") + ".py" for module in MODULES]
+    return [_path(module) + ".py" for module in MODULES]
+
+
+def _path(module: str) -> str:
+    """``gateway.proxy.front`` -> ``gateway/proxy/front``: a module's file, no suffix."""
+    return module.replace(".", "/")
 
 
 def compiled_files(module: str, root: Path = _PACKAGE_ROOT) -> list[Path]:
     """The extension files of ``module`` beside its source under ``root`` (none in a
     pure build)."""
-    base = root / module.replace(".", "/")
+    base = root / _path(module)
     suffixes = importlib.machinery.EXTENSION_SUFFIXES
     return [path for suffix in suffixes if (path := base.with_name(base.name + suffix)).exists()]
 
@@ -100,7 +105,7 @@ def describe_build() -> str:
 
 def source_digest(module: str, root: Path = _PACKAGE_ROOT) -> str:
     """The SHA-256 of ``module``'s source under ``root``."""
-    source = root / (module.replace(".", "/") + ".py")
+    source = root / (_path(module) + ".py")
     return hashlib.sha256(source.read_bytes()).hexdigest()
 
 
