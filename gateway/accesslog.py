@@ -1,12 +1,14 @@
 """The JSON access log: one line per request or WebSocket session.
 
-Cheap on the hot path by construction: the sink only appends the finished
-``RequestRecord`` to a list; a background task formats and writes the batch every
-``FLUSH_SECONDS`` (stdlib logging per request costs 30-40 % of throughput, measured in
-shared/research/aiohttp-proxy-facts.md section 2). Secrets are never written: no request
-headers at all, the query string is dropped unless ``include_query`` is set (preview
-URLs such as Jupyter's carry tokens there), and so is the userinfo of an absolute-form
-target (``http://user:pass@host/``).
+Cheap on the hot path by construction: the sink formats the finished ``RequestRecord``
+into a list of lines, and a background task writes the batch every ``FLUSH_SECONDS``
+(stdlib logging per request costs 30-40 % of throughput, measured in
+shared/research/aiohttp-proxy-facts.md section 2). Lines, not records, wait for the
+writer: bytes are not tracked by the garbage collector, while a flush interval's worth
+of records (10,000 objects at 50,000 requests/s) kept it collecting (docs/performance.md).
+Secrets are never written: no request headers at all, the query string is dropped unless
+``include_query`` is set (preview URLs such as Jupyter's carry tokens there), and so is
+the userinfo of an absolute-form target (``http://user:pass@host/``).
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import contextlib
 import json
 import sys
 import time
-from typing import BinaryIO
+from typing import BinaryIO, Final
 
 from gateway.proxy.accounting import RequestRecord
 
 FLUSH_SECONDS = 0.2
 # A bound on what waits for the writer, so a blocked stdout can't eat memory.
-MAX_PENDING = 100_000
+MAX_PENDING: Final = 100_000
+# A bound on the cache of escaped peer fields (AccessLog._peer_fields).
+MAX_PEER_FIELDS: Final = 4096
 
 
 class AccessLog:
@@ -31,15 +35,16 @@ class AccessLog:
     def __init__(self, stream: BinaryIO | None = None, *, include_query: bool = False) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
         self._include_query = include_query
-        self._pending: list[RequestRecord] = []
+        self._pending: list[bytes] = []
         self._wall_offset = time.time() - time.monotonic()
         self._second = -1
         self._second_text = ""
+        self._peers: dict[tuple[str, str, str | None, int | None, str], str] = {}
         self.dropped = 0
 
     def sink(self, record: RequestRecord) -> None:
         if len(self._pending) < MAX_PENDING:
-            self._pending.append(record)
+            self._pending.append(self.line(record))
         else:
             self.dropped += 1
 
@@ -56,7 +61,7 @@ class AccessLog:
     def flush(self) -> None:
         batch, self._pending = self._pending, []
         if batch:
-            self._stream.write(b"".join(self.line(record) for record in batch))
+            self._stream.write(b"".join(batch))
             self._stream.flush()
 
     def line(self, record: RequestRecord) -> bytes:
@@ -65,22 +70,42 @@ class AccessLog:
             path = _without_userinfo(path)
         if not self._include_query:
             path = path.partition("?")[0]
-        port = record.port
         # Built by hand: json.dumps of a dict was 15 % of a small request's CPU
         # (docs/performance.md); the C string encoder is what json.dumps uses inside.
-        # Numbers are formatted from integers, without format specs (see _three_digits).
+        # The request id and the code go in unescaped: the id matched
+        # headers.is_valid_request_id or was made by the gateway, and codes are the
+        # gateway's own identifiers.
+        code = f'"{record.code}"' if record.code else "null"
         return (
             f'{{"time":"{self._iso(record.started + self._wall_offset)}",'
-            f'"requestId":{_text(record.request_id)},"kind":"{record.kind}",'
-            f'"clientIp":{_text(record.client_ip)},"host":{_text(record.host)},'
-            f'"sandbox":{_text_or_null(record.label)},'
-            f'"port":{"null" if port is None else port},'
-            f'"method":{_text(record.method)},"path":{_text(path)},'
+            f'"requestId":"{record.request_id}","kind":"{record.kind}",'
+            f"{self._peer_fields(record)}"
+            f'"path":{_text(path)},'
             f'"status":{record.status},"bytesIn":{record.bytes_in},'
             f'"bytesOut":{record.bytes_out},"upstreamMs":{_millis(record.upstream_seconds)},'
             f'"totalMs":{_millis(record.total_seconds)},"outcome":"{record.outcome}",'
-            f'"code":{_text_or_null(record.code or None)}}}\n'
+            f'"code":{code}}}\n'
         ).encode()
+
+    def _peer_fields(self, record: RequestRecord) -> str:
+        """The ``clientIp`` to ``method`` fields, escaped once per distinct peer: a
+        client repeats them on every request of a connection, and escaping them was a
+        fifth of a line's cost (docs/performance.md)."""
+        key = (record.client_ip, record.host, record.label, record.port, record.method)
+        fields = self._peers.get(key)
+        if fields is None:
+            if len(self._peers) >= MAX_PEER_FIELDS:
+                self._peers.clear()
+            port = record.port
+            label = record.label
+            fields = (
+                f'"clientIp":{_text(record.client_ip)},"host":{_text(record.host)},'
+                f'"sandbox":{"null" if label is None else _text(label)},'
+                f'"port":{"null" if port is None else port},'
+                f'"method":{_text(record.method)},'
+            )
+            self._peers[key] = fields
+        return fields
 
     def _iso(self, wall: float) -> str:
         """``wall`` as ISO 8601 UTC with milliseconds; the second's text is reused (lines
@@ -89,14 +114,13 @@ class AccessLog:
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{_three_digits(int((wall - second) * 1000))}Z"
+        return f"{self._second_text}.{_THREE_DIGITS[int((wall - second) * 1000)]}Z"
 
 
-_text = json.encoder.encode_basestring_ascii
-
-
-def _text_or_null(value: str | None) -> str:
-    return "null" if value is None else _text(value)
+_text: Final = json.encoder.encode_basestring_ascii
+# "000" to "999": an indexed tuple, where f"{n:03d}" compiled is a generic format call
+# (470 ns against 130 for str() slicing, measured) and slicing still builds two strings.
+_THREE_DIGITS: Final = tuple(str(n + 1000)[1:] for n in range(1000))
 
 
 def _millis(seconds: float | None) -> str:
@@ -104,13 +128,7 @@ def _millis(seconds: float | None) -> str:
     if seconds is None:
         return "null"
     micros = int(seconds * 1_000_000)
-    return f"{micros // 1000}.{_three_digits(micros % 1000)}"
-
-
-def _three_digits(value: int) -> str:
-    """``value`` (0 to 999) with leading zeros: not ``f"{value:03d}"``, which compiled
-    is a generic format call (470 ns against 130, measured)."""
-    return str(value + 1000)[1:]
+    return f"{micros // 1000}.{_THREE_DIGITS[micros % 1000]}"
 
 
 def _without_userinfo(target: str) -> str:

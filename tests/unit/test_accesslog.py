@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 
-from gateway.accesslog import AccessLog
+from gateway.accesslog import MAX_PEER_FIELDS, AccessLog
 from gateway.proxy.accounting import RequestRecord
 
 
@@ -51,3 +51,33 @@ def test_userinfo_of_an_absolute_target_is_dropped() -> None:
     """An absolute-form target's credentials never reach the log."""
     record = RequestRecord(request_id="r", path="http://user:pass@host/p?q=1")
     assert _line(record)["path"] == "http://host/p"
+
+
+def test_lines_of_different_peers_through_one_log_keep_their_own_fields() -> None:
+    """The cached per-peer fields never leak from one record's line into another's."""
+    log = AccessLog(io.BytesIO())
+    for client_ip, host, label, port, method in [
+        ("10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+        ("10.0.0.2", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+        ("10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "POST"),
+        ("10.0.0.1", "bad host", None, None, "GET"),
+        ("10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+    ]:
+        record = RequestRecord(request_id="r", method=method, path="/")
+        record.client_ip, record.host, record.label, record.port = client_ip, host, label, port
+        record.finish()
+        entry = json.loads(log.line(record))
+        fields = (entry["clientIp"], entry["host"], entry["sandbox"], entry["port"],
+                  entry["method"])  # fmt: skip
+        assert fields == (client_ip, host, label, port, method)
+
+
+def test_the_cache_of_peer_fields_stays_bounded() -> None:
+    """More distinct peers than MAX_PEER_FIELDS empty the cache, and lines stay right."""
+    log = AccessLog(io.BytesIO())
+    for n in range(MAX_PEER_FIELDS + 10):
+        record = RequestRecord(request_id="r", method="GET", path="/")
+        record.client_ip = f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"
+        record.finish()
+        assert json.loads(log.line(record))["clientIp"] == record.client_ip
+    assert len(log._peers) <= MAX_PEER_FIELDS
