@@ -10,13 +10,12 @@ metric objects take a lock and a label lookup per update).
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -29,9 +28,12 @@ from prometheus_client.core import (
 from gateway.proxy.accounting import RequestRecord
 
 # Seconds; spans a loopback hop (sub-millisecond) to a slow dev server's first compile.
-LATENCY_BUCKETS = (
+LATENCY_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
+
+# "0xx" to "9xx" by status // 100: a lookup, where an f-string per request builds one.
+_STATUS_CLASSES: Final = tuple(f"{n}xx" for n in range(10))
 
 Gauge = Callable[[], float]
 PUBLISH_SECONDS = 1.0
@@ -44,7 +46,14 @@ class _Histogram:
     total: float = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        # A scan up from the smallest bound, where bisect.bisect_left is a generic call:
+        # most requests land in the first two buckets (bisect_left's index all the same).
+        index = 0
+        for bound in self.buckets:
+            if value <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
         self.total += value
 
 
@@ -66,7 +75,10 @@ class Metrics:
         self.registry.register(self)
 
     def observe(self, record: RequestRecord) -> None:
-        key = (record.kind, record.outcome, f"{record.status // 100}xx")
+        status = record.status
+        known = 0 <= status < 1000
+        status_class = _STATUS_CLASSES[status // 100] if known else f"{status // 100}xx"
+        key = (record.kind, record.outcome, status_class)
         self._requests[key] = self._requests.get(key, 0) + 1
         if record.code:
             self._errors[record.code] = self._errors.get(record.code, 0) + 1
