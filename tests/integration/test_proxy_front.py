@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest_asyncio
@@ -148,6 +148,29 @@ async def test_a_bare_lf_head_is_never_served_by_the_front(
         response = await conn.read_response()
     assert response.status == 400
     assert gateway.running.front.handed_over == 1
+
+
+async def test_a_cr_or_lf_in_the_request_line_of_a_known_block_is_never_served(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """After a good request, the same header block under a request line holding a CR or
+    LF (leading, inside or at its end) goes to aiohttp's strict parser, never the front."""
+    block = f"Host: {host}\r\n\r\n"
+    bad_lines = ["\rGET /a HTTP/1.1", "\nGET /a HTTP/1.1", "GET /a\rb HTTP/1.1",
+                 "GET /a\nb HTTP/1.1", "GET /a HTTP/1.1\r", "GET /a HTTP/1.1\n"]  # fmt: skip
+    front = gateway.running.front
+
+    def handed_over_since(count: int) -> Callable[[], bool]:
+        return lambda: front.handed_over > count
+
+    for line in bad_lines:
+        before = front.handed_over
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(f"GET /good HTTP/1.1\r\n{block}".encode())
+            assert _echoed(await conn.read_response())["path_qs"] == "/good"
+            await conn.send(f"{line}\r\n{block}".encode())
+            await wait_until(handed_over_since(before), what=repr(line))
+        assert front.handed_over == before + 1, repr(line)
 
 
 async def test_http10_without_keep_alive_is_closed_after_its_answer(
