@@ -21,7 +21,7 @@ import os
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Final, TypeAlias
 
 __all__ = [
     "GATEWAY_ERROR",
@@ -48,10 +48,10 @@ HeaderPairs: TypeAlias = Collection[tuple[str, str]]
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-REQUEST_ID = "X-Request-Id"
-GATEWAY_ERROR = "X-Gateway-Error"
-WEBSOCKET = "websocket"
-UNKNOWN_CLIENT = "unknown"  # RFC 7239's name for a peer that has no IP address
+REQUEST_ID: Final = "X-Request-Id"
+GATEWAY_ERROR: Final = "X-Gateway-Error"
+WEBSOCKET: Final = "websocket"
+UNKNOWN_CLIENT: Final = "unknown"  # RFC 7239's name for a peer that has no IP address
 
 HOP_BY_HOP: frozenset[str] = frozenset(
     {

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Final
 
 Sink = Callable[["RequestRecord"], None]
+# A static: compiled, each ``time.monotonic()`` would look the function up in the module.
+_monotonic: Final = time.monotonic
 
 
 class RequestRecord:
@@ -46,7 +49,7 @@ class RequestRecord:
         self.closed = False
         self.bytes_in = 0
         self.bytes_out = 0
-        self.started = time.monotonic()
+        self.started = _monotonic()
         self.upstream_seconds: float | None = None
         self.ended: float | None = None
 
@@ -55,8 +58,8 @@ class RequestRecord:
         self.code = code
 
     def finish(self) -> None:
-        self.ended = time.monotonic()
+        self.ended = _monotonic()
 
     @property
     def total_seconds(self) -> float:
-        return (self.ended or time.monotonic()) - self.started
+        return (self.ended or _monotonic()) - self.started

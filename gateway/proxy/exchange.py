@@ -48,12 +48,21 @@ from gateway.routing.model import Sandbox
 log = logging.getLogger("gateway.front")
 
 # Request body bytes held for a sandbox not connected yet, before the client is paused.
-BODY_HIGH_WATER_BYTES = 256 * 1024
-_NO_BODY_STATUSES = frozenset((204, 304))
+BODY_HIGH_WATER_BYTES: typing.Final = 256 * 1024
+_NO_BODY_STATUSES: typing.Final = frozenset((204, 304))
 _T = typing.TypeVar("_T")
-_PLANNING, _SENDING, _WAITING, _STREAMING, _UPGRADED, _DONE = range(6)
+# A static: compiled, each ``time.monotonic()`` would look the function up in the module.
+_monotonic: typing.Final = time.monotonic
+# The states, one constant each: a Final int is inlined by the compiler, where names
+# bound by unpacking are a lookup in the module's dict at every use.
+_PLANNING: typing.Final = 0
+_SENDING: typing.Final = 1
+_WAITING: typing.Final = 2
+_STREAMING: typing.Final = 3
+_UPGRADED: typing.Final = 4
+_DONE: typing.Final = 5
 # The name of an exchange's one Task (a lookup or a connect), for tests and debugging.
-TASK_NAME = "exchange-wait"
+TASK_NAME: typing.Final = "exchange-wait"
 
 
 class Client(typing.Protocol):
@@ -267,7 +276,7 @@ class Exchange:
 
     def response_head(self, response: UpstreamResponse) -> None:
         record = self._record
-        record.upstream_seconds = time.monotonic() - self._sent_at
+        record.upstream_seconds = _monotonic() - self._sent_at
         record.status = response.status
         request = self._request
         relayed = self._relayed_fields(response)
@@ -409,8 +418,10 @@ class Exchange:
         stop = reset_client(self._client.transport, plan.target.port)
         self._session = self._handler.hold_exchange(plan, self._record, stop)
         request = self._request
-        request_id = [(headers.REQUEST_ID, plan.request_id)]
-        self._head = request_head(request.method, plan.path, request_id, block=plan.upstream_block)
+        # The request id is the one line not in the block: ASCII by construction
+        # (headers.is_valid_request_id), so it needs no header_lines.
+        block = plan.upstream_block + f"{headers.REQUEST_ID}: {plan.request_id}\r\n".encode()
+        self._head = request_head(request.method, plan.path, [], block=block)
         self._connect()
 
     def _open_websocket(self, plan: RequestPlan) -> None:
@@ -443,7 +454,7 @@ class Exchange:
 
     def _send(self, upstream: UpstreamResponse) -> None:
         self._upstream = upstream
-        self._sent_at = time.monotonic()
+        self._sent_at = _monotonic()
         if not upstream.write(self._head):
             self.response_failed(errors.UpstreamProtocolError("the sandbox closed the connection"))
             return
@@ -607,8 +618,8 @@ def _status_line(status: int, reason: bytes | None) -> bytes:
 # Status lines of sandbox answers by (status, reason as sent): a sandbox answers with a
 # few, and checking and encoding the reason was a twentieth of a small request. Bounded,
 # since the reasons are the sandboxes' to choose.
-_RELAYED_STATUS_LINES: dict[tuple[int, bytes], bytes] = {}
-_MAX_RELAYED_STATUS_LINES = 256
+_RELAYED_STATUS_LINES: typing.Final[dict[tuple[int, bytes], bytes]] = {}
+_MAX_RELAYED_STATUS_LINES: typing.Final = 256
 
 
 def _relayed_status_line(status: int, reason: bytes) -> bytes:
@@ -660,4 +671,4 @@ class _DateHeader:
         return self._value
 
 
-_http_date = _DateHeader()
+_http_date: typing.Final = _DateHeader()

@@ -40,16 +40,16 @@ from gateway import errors
 from gateway.routing.model import Upstream
 
 # Response bytes buffered per connection before the sandbox socket is paused.
-HIGH_WATER_BYTES = 256 * 1024
+HIGH_WATER_BYTES: typing.Final = 256 * 1024
 # A response head (status line and headers) larger than this is a broken sandbox, not a
 # reason to buffer without end (the listener allows 16 KiB per request field).
-MAX_RESPONSE_HEAD_BYTES = 256 * 1024
-LOW_WATER_BYTES = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES: typing.Final = 256 * 1024
+LOW_WATER_BYTES: typing.Final = 64 * 1024
 # Request body bytes the sandbox socket's buffer may hold before the client is paused:
 # above one read of the client (256 KiB), so an upload is not paused on every read.
-WRITE_HIGH_WATER_BYTES = 512 * 1024
-_CONNECT_RETRY_STEP_SECONDS = 0.05
-EXPECT_CONTINUE_WAIT_SECONDS = 1.0
+WRITE_HIGH_WATER_BYTES: typing.Final = 512 * 1024
+_CONNECT_RETRY_STEP_SECONDS: typing.Final = 0.05
+EXPECT_CONTINUE_WAIT_SECONDS: typing.Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,8 @@ class _Connection(asyncio.Protocol):
         self._parser_spent = True
         # A pushed response's Content-Length, from its head until the read that brought
         # the head is parsed; then the body bytes still to come past the parser.
-        self._body_length = 0
+        # The head of a consumer's response ended in the current read (see data_received).
+        self._head_just_parsed = False
         self._body_left = 0
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -136,10 +137,14 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
             if consumer is not None:
                 consumer.response_flush()
-                length, self._body_length = self._body_length, 0
-                if length and not response.complete:
-                    self._body_left = length - response.body_received
-                    self._parser_spent = True  # llhttp still counts that body: never reuse it
+                if self._head_just_parsed:
+                    self._head_just_parsed = False
+                    # Framing is read only for a body still to come: most small
+                    # responses arrive whole in the read that holds their head.
+                    length = 0 if response.complete else response._content_length()
+                    if length:
+                        self._body_left = length - response.body_received
+                        self._parser_spent = True  # llhttp still counts that body: no reuse
         except httptools.HttpParserUpgrade:
             response._fail(errors.UpstreamProtocolError("the sandbox switched protocols"))
             self._abort()
@@ -218,7 +223,7 @@ class _Connection(asyncio.Protocol):
         if response.no_body:
             self._finish_message(keep_alive_ok=True)
         elif response.consumer is not None:
-            self._body_length = response._content_length()
+            self._head_just_parsed = True
 
     def on_body(self, body: bytes) -> None:
         response = self._response
