@@ -104,11 +104,11 @@ class _Head:
     def on_message_complete(self) -> None:
         self.complete = True
 
-    def is_websocket_handshake(self, method: bytes, version: str) -> bool:
+    def is_websocket_handshake(self, method: bytes, *, http11: bool) -> bool:
         """A WebSocket opening handshake the splice can take (RFC 6455 section 4.2.1);
         any other upgrade, or a malformed one, is aiohttp's to answer."""
         return (
-            method == b"GET" and version == "1.1" and not self.length
+            method == b"GET" and http11 and not self.length
             and len(self.ws_keys) == 1 and self.ws_version == [b"13"]
             and wsframes.is_valid_key(self.ws_keys[0].decode("latin-1"))
         )  # fmt: skip
@@ -178,7 +178,8 @@ class Front:
 
     def _request_began(self) -> None:
         self._busy += 1
-        self._quiet.clear()
+        if self._busy == 1:  # (an Event's clear() is a generic call: only when it was set)
+            self._quiet.clear()
 
     def _request_ended(self) -> None:
         self._busy -= 1
@@ -420,13 +421,18 @@ class FrontProtocol(asyncio.Protocol):
         if known is not None:
             # A body, an upgrade or an error leaves llhttp mid-message: a new one next time.
             self._line_parser = None if parsed.length or upgrade or refuse else parser
-        method, version = parser.get_method(), parser.get_http_version()
+        method = parser.get_method()
+        # The version as the line ends, not get_http_version() (a new string per call):
+        # only HTTP/1.0 and 1.1 are served here, where llhttp takes any digit pair, other
+        # protocol names (RTSP/1.0) and version-less HTTP/0.9 lines.
+        version = head[line_end - 11 : line_end - 2]
+        http10 = version == b" HTTP/1.0"
         if (
             refuse
             or parsed.refuse
-            or (upgrade and not parsed.is_websocket_handshake(method, version))  # h2c...
+            or not (http10 or version == b" HTTP/1.1")
+            or (upgrade and not parsed.is_websocket_handshake(method, http11=not http10))
             or not (parsed.complete or parsed.length or upgrade)
-            or version not in ("1.0", "1.1")  # llhttp takes any digit pair; aiohttp not
             or method == b"CONNECT"
         ):
             return None
@@ -438,7 +444,6 @@ class FrontProtocol(asyncio.Protocol):
             ]
             facts = handler.facts(request_headers, self.peer_ip)
             known = self._known = _Known(block, parsed, facts)
-        http10 = version == "1.0"
         return Request(
             method.decode("ascii"),
             # surrogateescape keeps any byte the client sent; request_head encodes it back.

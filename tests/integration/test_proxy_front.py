@@ -173,6 +173,20 @@ async def test_a_cr_or_lf_in_the_request_line_of_a_known_block_is_never_served(
         assert front.handed_over == before + 1, repr(line)
 
 
+async def test_request_lines_other_than_http_10_and_11_are_never_served_by_the_front(
+    gateway: GatewayHandle, host: str, upstream: Upstream
+) -> None:
+    """A version-less (HTTP/0.9) line and other protocols llhttp accepts go to aiohttp
+    (which answers them its own way, docs/security.md)."""
+    front = gateway.running.front
+    for line in ("GET /a1.1", "GET /x RTSP/1.0", "GET /x HTTP/1.2"):
+        before = front.handed_over
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(f"{line}\r\nHost: {host}\r\n\r\n".encode())
+            await conn.read_response()
+        assert front.handed_over == before + 1, line
+
+
 async def test_http10_without_keep_alive_is_closed_after_its_answer(
     gateway: GatewayHandle, host: str
 ) -> None:
