@@ -26,6 +26,7 @@ reading into one that makes no progress). No total timeout on streams.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import email.utils
 import functools
@@ -35,13 +36,15 @@ import typing
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
+from mypy_extensions import trait
+
 from gateway import errors, headers
 from gateway.headers import HeaderPairs
 from gateway.proxy.accounting import RequestRecord
 from gateway.proxy.handler import EdgeHandler, HeadFacts, PendingPlan, reset_client
 from gateway.proxy.http import Answer, RequestPlan, request_head
 from gateway.proxy.sessions import Session
-from gateway.proxy.upstream import UpstreamResponse
+from gateway.proxy.upstream import ResponseConsumer, UpstreamResponse
 from gateway.proxy.wssplice import WebSocketSplice
 from gateway.routing.model import Sandbox
 
@@ -65,18 +68,29 @@ _DONE: typing.Final = 5
 TASK_NAME: typing.Final = "exchange-wait"
 
 
-class Client(typing.Protocol):
-    """What an exchange needs of the client connection it serves (``FrontProtocol``)."""
+@trait
+class Client:
+    """What an exchange needs of the client connection it serves (``FrontProtocol``).
+
+    A mypyc trait, as ``upstream.ResponseConsumer`` is: compiled, calls through it are
+    C calls, where a ``typing.Protocol`` makes each one a generic method call.
+    """
 
     transport: asyncio.Transport | None
     peer_ip: str
     relayed: RelayedFields | None  # the last response fields relayed on the connection
 
+    @abc.abstractmethod
     def pause_reading(self) -> None: ...
+
+    @abc.abstractmethod
     def resume_reading(self) -> None: ...
+
+    @abc.abstractmethod
     def switch_to(self, protocol: asyncio.Protocol) -> None:
         """The connection is a WebSocket now: its bytes go to ``protocol``."""
 
+    @abc.abstractmethod
     def exchange_done(self, record: RequestRecord, keep_alive: bool) -> None:
         """The exchange is over; serve the next request or close (``keep_alive``)."""
 
@@ -145,7 +159,7 @@ class Watchdog:
             exchange.on_deadline()
 
 
-class Exchange:
+class Exchange(ResponseConsumer):
     """One request on a front connection; see the module docstring.
 
     Contract: made for a request whose head is in, then ``start()``. The client

@@ -38,7 +38,7 @@ from aiohttp import web_protocol
 
 from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
-from gateway.proxy.exchange import Exchange, RelayedFields, Request, Watchdog
+from gateway.proxy.exchange import Client, Exchange, RelayedFields, Request, Watchdog
 from gateway.proxy.handler import EdgeHandler, HeadFacts
 
 # A head longer than this goes to aiohttp, which applies its own field limits (16 KiB a
@@ -187,7 +187,7 @@ class Front:
             self._quiet.set()
 
 
-class FrontProtocol(asyncio.Protocol):
+class FrontProtocol(asyncio.Protocol, Client):
     """One client connection; see the module docstring."""
 
     def __init__(self, front: Front) -> None:

@@ -26,6 +26,7 @@ dev servers, so a request rarely lands on a connection the server is closing).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import httptools
+from mypy_extensions import trait
 
 from gateway import errors
 from gateway.routing.model import Upstream
@@ -61,7 +63,8 @@ class UpstreamTimeouts:
     pool_idle_seconds: float
 
 
-class ResponseConsumer(typing.Protocol):
+@trait
+class ResponseConsumer:
     """Where a pushed ``UpstreamResponse`` reports, called from the connection's callbacks.
 
     Contract: ``response_head`` once the final head is in (``status``, ``headers``);
@@ -73,12 +76,25 @@ class ResponseConsumer(typing.Protocol):
     socket's write buffer (request body flow control).
     """
 
+    @abc.abstractmethod
     def response_head(self, response: UpstreamResponse) -> None: ...
+
+    @abc.abstractmethod
     def response_body(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
     def response_end(self, response: UpstreamResponse) -> None: ...
+
+    @abc.abstractmethod
     def response_failed(self, error: errors.EdgeError) -> None: ...
+
+    @abc.abstractmethod
     def response_flush(self) -> None: ...
+
+    @abc.abstractmethod
     def sandbox_write_paused(self) -> None: ...
+
+    @abc.abstractmethod
     def sandbox_write_resumed(self) -> None: ...
 
 
