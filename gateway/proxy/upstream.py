@@ -52,6 +52,8 @@ LOW_WATER_BYTES: typing.Final = 64 * 1024
 WRITE_HIGH_WATER_BYTES: typing.Final = 512 * 1024
 _CONNECT_RETRY_STEP_SECONDS: typing.Final = 0.05
 EXPECT_CONTINUE_WAIT_SECONDS: typing.Final = 1.0
+# A static: compiled, each ``time.monotonic()`` would look the function up in the module.
+_monotonic: typing.Final = time.monotonic
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,14 +336,15 @@ class UpstreamResponse:
         self._reason = b""
         self._raw_headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
-        self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
         self._error: errors.EdgeError | None = None
-        # Only the awaiting way needs these two (a future and an event cost per request).
+        # Only the awaiting way needs these three (each costs per request).
+        self._chunks: collections.deque[bytes] | None = None
         self._head_ready: asyncio.Future[None] | None = None
         self._continue: asyncio.Event | None = None
         if consumer is None:
+            self._chunks = collections.deque()
             self._head_ready = asyncio.get_running_loop().create_future()
             self._continue = asyncio.Event()
         self.status = 0
@@ -377,7 +380,9 @@ class UpstreamResponse:
         return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in self._raw_headers]
 
     async def read_chunk(self, *, idle_seconds: float) -> bytes:
-        while not self._chunks:
+        chunks = self._chunks
+        assert chunks is not None, "read_chunk is for a response without a consumer"
+        while not chunks:
             if self._error is not None:
                 raise self._error
             if self.complete:
@@ -389,7 +394,7 @@ class UpstreamResponse:
             finally:
                 timer.cancel()
                 self._waiter = None
-        chunk = self._chunks.popleft()
+        chunk = chunks.popleft()
         self._buffered -= len(chunk)
         if self._buffered < LOW_WATER_BYTES and self._connection is not None:
             self._connection.resume_reading()
@@ -400,10 +405,11 @@ class UpstreamResponse:
 
         Lets the forwarder send a small answer that is already complete in one write.
         """
-        if not self._chunks:
+        chunks = self._chunks
+        if not chunks:
             return b""
-        data = b"".join(self._chunks)
-        self._chunks.clear()
+        data = b"".join(chunks)
+        chunks.clear()
         self._buffered = 0
         if self._connection is not None:
             self._connection.resume_reading()
@@ -463,6 +469,7 @@ class UpstreamResponse:
         if self.consumer is not None:
             self.consumer.response_body(body)
             return
+        assert self._chunks is not None
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER_BYTES:
@@ -556,6 +563,7 @@ class UpstreamPool:
         self._observe_connect = observe_connect
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self._sweeping = False  # the sweeper runs
 
     async def request(
         self,
@@ -622,8 +630,9 @@ class UpstreamPool:
         """A pushed response on an idle pooled connection to ``target``, or None if
         there is none (then ``connect_and_begin``). The caller writes the request with
         ``response.write`` and times the answer itself."""
-        connection = self._take_idle((target.incarnation, target.port))
-        return None if connection is None else self._bind(connection, target, consumer, head_only)
+        key = (target.incarnation, target.port)
+        connection = self._take_idle(key)
+        return None if connection is None else self._bind(connection, key, consumer, head_only)
 
     async def connect_and_begin(
         self, target: Upstream, consumer: ResponseConsumer, *, head_only: bool
@@ -634,12 +643,15 @@ class UpstreamPool:
             errors.UpstreamRefused, errors.UpstreamTimeout.
         """
         connection = await self._connect(target)
-        return self._bind(connection, target, consumer, head_only)
+        return self._bind(connection, (target.incarnation, target.port), consumer, head_only)
 
     def _bind(
-        self, connection: _Connection, target: Upstream, consumer: ResponseConsumer, head_only: bool
+        self,
+        connection: _Connection,
+        key: tuple[str, int],
+        consumer: ResponseConsumer,
+        head_only: bool,
     ) -> UpstreamResponse:
-        key = (target.incarnation, target.port)
         response = UpstreamResponse(self, key, head_only=head_only, consumer=consumer)
         connection.start(response)
         return response
@@ -650,7 +662,8 @@ class UpstreamPool:
 
     async def close(self) -> None:
         if self._sweeper is not None:
-            self._sweeper.cancel()
+            self._sweeper.cancel()  # (maybe before it ran: then its finally never does)
+            self._sweeping = False
         for connections in self._idle.values():
             for connection in connections:
                 connection._abort()
@@ -738,23 +751,23 @@ class UpstreamPool:
             errors.UpstreamRefused, errors.UpstreamTimeout.
         """
         loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self._timeouts.connect_retry_window_seconds
+        deadline = _monotonic() + self._timeouts.connect_retry_window_seconds
         while True:
             try:
-                started = time.monotonic()
+                started = _monotonic()
                 async with asyncio.timeout(self._timeouts.connect_seconds):
                     _, connection = await loop.create_connection(
                         protocol, target.address, target.port
                     )
                 if self._observe_connect is not None:
-                    self._observe_connect(time.monotonic() - started)
+                    self._observe_connect(_monotonic() - started)
                 return connection
             except TimeoutError:
                 raise errors.UpstreamTimeout(
                     f"connecting to port {target.port} of the sandbox timed out"
                 ) from None
             except ConnectionRefusedError:
-                if time.monotonic() + _CONNECT_RETRY_STEP_SECONDS > deadline:
+                if _monotonic() + _CONNECT_RETRY_STEP_SECONDS > deadline:
                     raise errors.UpstreamRefused(
                         f"nothing is listening on port {target.port}"
                     ) from None
@@ -768,7 +781,7 @@ class UpstreamPool:
 
     def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
         connections = self._idle.get(key)
-        limit = time.monotonic() - self._timeouts.pool_idle_seconds
+        limit = _monotonic() - self._timeouts.pool_idle_seconds
         while connections:
             connection = connections.pop()
             if not connection.closed and connection.idle_since > limit:
@@ -778,24 +791,28 @@ class UpstreamPool:
         return None
 
     def _put_idle(self, key: tuple[str, int], connection: _Connection) -> None:
-        connection.idle_since = time.monotonic()
+        connection.idle_since = _monotonic()
         self._idle.setdefault(key, []).append(connection)
-        if self._sweeper is None or self._sweeper.done():
+        if not self._sweeping:  # (not Task.done(): a generic call per request)
+            self._sweeping = True
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
         """Close idle connections past their time, so a quiet pool holds no sockets."""
-        while self._idle:
-            await asyncio.sleep(self._timeouts.pool_idle_seconds)
-            limit = time.monotonic() - self._timeouts.pool_idle_seconds
-            for key in list(self._idle):
-                keep = []
-                for connection in self._idle[key]:
-                    if connection.closed or connection.idle_since <= limit:
-                        connection._abort()
+        try:
+            while self._idle:
+                await asyncio.sleep(self._timeouts.pool_idle_seconds)
+                limit = _monotonic() - self._timeouts.pool_idle_seconds
+                for key in list(self._idle):
+                    keep = []
+                    for connection in self._idle[key]:
+                        if connection.closed or connection.idle_since <= limit:
+                            connection._abort()
+                        else:
+                            keep.append(connection)
+                    if keep:
+                        self._idle[key] = keep
                     else:
-                        keep.append(connection)
-                if keep:
-                    self._idle[key] = keep
-                else:
-                    del self._idle[key]
+                        del self._idle[key]
+        finally:
+            self._sweeping = False
