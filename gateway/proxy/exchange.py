@@ -54,8 +54,9 @@ log = logging.getLogger("gateway.front")
 BODY_HIGH_WATER_BYTES: typing.Final = 256 * 1024
 _NO_BODY_STATUSES: typing.Final = frozenset((204, 304))
 _T = typing.TypeVar("_T")
-# A static: compiled, each ``time.monotonic()`` would look the function up in the module.
+# Statics: compiled, each ``time.monotonic()`` would look the function up in the module.
 _monotonic: typing.Final = time.monotonic
+_wall_clock: typing.Final = time.time
 # The states, one constant each: a Final int is inlined by the compiler, where names
 # bound by unpacking are a lookup in the module's dict at every use.
 _PLANNING: typing.Final = 0
@@ -301,13 +302,13 @@ class Exchange(ResponseConsumer):
         self._chunked = not framed and not request.http10
         if not framed and request.http10:
             self._keep_alive = False
-        tail = [] if has_date else [b"Date: " + _http_date()]
+        tail = [] if has_date else [b"Date: " + _http_date.now()]
         tail.append(b"X-Request-Id: " + record.request_id.encode("ascii"))
         if self._chunked:
             tail.append(b"Transfer-Encoding: chunked")
         if connection := _connection_line(self._keep_alive, request.http10):
             tail.append(connection)
-        status_line = _relayed_status_line(response.status, response.reason_bytes)
+        status_line = _relayed_status_lines.line(response.status, response.reason_bytes)
         self._out.append(_response_head(status_line, relayed.lines, tail))
         self._head_sent = True
         self._state = _STREAMING
@@ -548,7 +549,7 @@ class Exchange(ResponseConsumer):
     def _answer(self, answer: Answer) -> None:
         """Send one of the gateway's own answers."""
         request = self._request
-        tail = [b"Content-Length: %d" % len(answer.body), b"Date: " + _http_date()]
+        tail = [b"Content-Length: %d" % len(answer.body), b"Date: " + _http_date.now()]
         if connection := _connection_line(self._keep_alive, request.http10):
             tail.append(connection)
         body = b"" if request.method == "HEAD" else answer.body
@@ -629,25 +630,37 @@ def _status_line(status: int, reason: bytes | None) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, _reason(status) if reason is None else reason)
 
 
-# Status lines of sandbox answers by (status, reason as sent): a sandbox answers with a
-# few, and checking and encoding the reason was a twentieth of a small request. Bounded,
-# since the reasons are the sandboxes' to choose.
-_RELAYED_STATUS_LINES: typing.Final[dict[tuple[int, bytes], bytes]] = {}
-_MAX_RELAYED_STATUS_LINES: typing.Final = 256
+# A sandbox answers with a few status lines, and checking and encoding the reason was a
+# twentieth of a small request. Bounded, since the reasons are the sandboxes' to choose.
+class _StatusLines:
+    """The status lines relayed for sandboxes' answers, by status and reason phrase: the
+    reason phrase unless it has control bytes, then the standard one (catalogue UPR-05).
+    The last one is kept beside the table: a sandbox mostly answers 200 OK."""
+
+    MAX_LINES: typing.Final = 256
+
+    def __init__(self) -> None:
+        self._lines: dict[tuple[int, bytes], bytes] = {}
+        self._last_status = 0
+        self._last_reason = b""
+        self._last_line = b""
+
+    def line(self, status: int, reason: bytes) -> bytes:
+        if status == self._last_status and reason == self._last_reason:
+            return self._last_line
+        key = (status, reason)
+        line = self._lines.get(key)
+        if line is None:
+            if len(self._lines) >= self.MAX_LINES:
+                self._lines.clear()
+            relayable = headers.relayable_reason(reason.decode("latin-1"))
+            line = _status_line(status, relayable.encode("latin-1") if relayable else None)
+            self._lines[key] = line
+        self._last_status, self._last_reason, self._last_line = status, reason, line
+        return line
 
 
-def _relayed_status_line(status: int, reason: bytes) -> bytes:
-    """The status line for a sandbox's answer: its reason phrase unless that has control
-    bytes, then the standard one (catalogue UPR-05)."""
-    key = (status, reason)
-    line = _RELAYED_STATUS_LINES.get(key)
-    if line is None:
-        if len(_RELAYED_STATUS_LINES) >= _MAX_RELAYED_STATUS_LINES:
-            _RELAYED_STATUS_LINES.clear()
-        relayable = headers.relayable_reason(reason.decode("latin-1"))
-        line = _status_line(status, relayable.encode("latin-1") if relayable else None)
-        _RELAYED_STATUS_LINES[key] = line
-    return line
+_relayed_status_lines: typing.Final = _StatusLines()
 
 
 def _field_lines(fields: HeaderPairs) -> bytes:
@@ -677,8 +690,9 @@ class _DateHeader:
         self._second = 0
         self._value = b""
 
-    def __call__(self) -> bytes:
-        now = int(time.time())
+    def now(self) -> bytes:
+        """(A method, not ``__call__``: compiled, calling an instance is a generic call.)"""
+        now = int(_wall_clock())
         if now != self._second:
             self._second = now
             self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
