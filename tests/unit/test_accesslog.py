@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from datetime import datetime
 
 from gateway.accesslog import MAX_PEER_FIELDS, AccessLog
 from gateway.proxy.accounting import RequestRecord
@@ -81,3 +83,19 @@ def test_the_cache_of_peer_fields_stays_bounded() -> None:
         record.finish()
         assert json.loads(log.line(record))["clientIp"] == record.client_ip
     assert len(log._peers) <= MAX_PEER_FIELDS
+
+
+def test_the_time_is_each_records_own_to_the_millisecond() -> None:
+    """Records a fraction of a millisecond, a millisecond and a second apart each get
+    their own ISO 8601 UTC time (the cached texts never stand in for another moment)."""
+    log = AccessLog(io.BytesIO())
+    base = time.monotonic()
+    wall_of_base = time.time() - (time.monotonic() - base)
+    for offset in (0.0, 0.0002, 0.0013, 1.0007, 1.0011, 61.5):
+        record = RequestRecord(request_id="r")
+        record.started = base + offset
+        record.finish()
+        text = str(json.loads(log.line(record))["time"])
+        assert text.endswith("Z") and len(text) == len("2026-01-01T00:00:00.000Z"), text
+        written = datetime.fromisoformat(text).timestamp()
+        assert abs(written - (wall_of_base + offset)) < 0.002, (offset, text)
