@@ -99,7 +99,9 @@ class Client:
 class Request:
     """A request head the front serves itself."""
 
-    __slots__ = ("body_length", "facts", "headers", "http10", "keep_alive", "method", "path")
+    __slots__ = (
+        "body_length", "facts", "headers", "http10", "keep_alive", "line", "method", "path",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -110,7 +112,10 @@ class Request:
         body_length: int,
         keep_alive: bool,
         http10: bool,
+        line: bytes = b"",
     ) -> None:
+        """``line``: the client's request line with its CRLF when it is exactly
+        ``{method} {path} HTTP/1.1``, else empty."""
         self.method = method
         self.path = path
         self.facts = facts  # what its header fields decide (shared by equal heads)
@@ -118,6 +123,7 @@ class Request:
         self.body_length = body_length  # Content-Length; 0 for none
         self.keep_alive = keep_alive
         self.http10 = http10
+        self.line = line
 
 
 class Watchdog:
@@ -312,8 +318,8 @@ class Exchange(ResponseConsumer):
         self._out.append(_response_head(status_line, relayed.lines, tail))
         self._head_sent = True
         self._state = _STREAMING
-        self._last_progress = self._loop.time()
-        self._arm(self._read_idle)
+        self._last_progress = now = self._loop.time()
+        self._arm(self._read_idle, now)
 
     def _relayed_fields(self, response: UpstreamResponse) -> RelayedFields:
         """The sandbox's fields as the client gets them, worked out once for a repeated
@@ -436,7 +442,11 @@ class Exchange(ResponseConsumer):
         # The request id is the one line not in the block: ASCII by construction
         # (headers.is_valid_request_id), so it needs no header_lines.
         block = plan.upstream_block + f"{headers.REQUEST_ID}: {plan.request_id}\r\n".encode()
-        self._head = request_head(request.method, plan.path, [], block=block)
+        if request.line and plan.path == request.path:
+            # The client's line is the one the sandbox gets (byte for byte): no rebuild.
+            self._head = request.line + block + b"\r\n"
+        else:
+            self._head = request_head(request.method, plan.path, [], block=block)
         self._connect()
 
     def _open_websocket(self, plan: RequestPlan) -> None:
@@ -476,8 +486,8 @@ class Exchange(ResponseConsumer):
         pending, self._body_pending = self._body_pending, []
         if self._body_remaining or pending:
             self._state = _SENDING
-            self._last_progress = self._loop.time()
-            self._arm(self._read_idle)
+            self._last_progress = now = self._loop.time()
+            self._arm(self._read_idle, now)
             self._release_client()
             for chunk in pending:
                 self._send_body(chunk)
@@ -496,11 +506,12 @@ class Exchange(ResponseConsumer):
         assert self._upstream is not None
         self._upstream.request_sent = True
         self._state = _WAITING
-        self._arm(self._handler.pool.timeouts.response_seconds)
+        self._arm(self._handler.pool.timeouts.response_seconds, self._loop.time())
 
-    def _arm(self, seconds: float) -> None:
-        """Be woken (``on_deadline``) no later than ``seconds`` from now."""
-        self._due = self._loop.time() + seconds
+    def _arm(self, seconds: float, now: float) -> None:
+        """Be woken (``on_deadline``) no later than ``seconds`` after ``now`` (the loop's
+        time, which callers often have already: each read of it is a generic call)."""
+        self._due = now + seconds
         self._watchdog.watch(self, self._due)
 
     def on_deadline(self) -> None:

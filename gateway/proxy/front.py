@@ -232,6 +232,18 @@ class FrontProtocol(asyncio.Protocol, Client):
         exchange = self._exchange
         if exchange is not None and exchange.wants_body:
             data = exchange.request_body(data)
+        if not self._buffer and not self.busy:
+            end = data.find(b"\r\n\r\n")
+            if end >= 0 and end + 4 == len(data):
+                # The common read: one whole head and nothing more, served from ``data``
+                # itself (the buffer would cost an append, a copy and a clear).
+                request = self._request_of(data)
+                if request is None:
+                    self._buffer += data
+                    self._hand_over()
+                else:
+                    self._begin(request).start()
+                return
         self._buffer += data
         if self.busy:
             if len(self._buffer) > MAX_HEAD_BYTES:
@@ -359,19 +371,18 @@ class FrontProtocol(asyncio.Protocol, Client):
             elif self._eof and self.transport is not None:
                 self.transport.close()  # the client is done sending: this head can't complete
             return
-        # Mostly the buffer is this one head: then copy it whole (no slice to make).
-        whole = end + 4 == len(buffer)
-        head = bytes(buffer) if whole else bytes(buffer[: end + 4])
-        request = None
-        if len(head) <= MAX_HEAD_BYTES:
-            request = self._request_of(head)
+        request = self._request_of(bytes(buffer[: end + 4]))
         if request is None:
             self._hand_over()
             return
-        if whole:
-            buffer.clear()
-        else:
-            del buffer[: end + 4]
+        del buffer[: end + 4]
+        exchange = self._begin(request)
+        if buffer and exchange.wants_body:
+            self._buffer = bytearray(exchange.request_body(bytes(buffer)))
+        exchange.start()
+
+    def _begin(self, request: Request) -> Exchange:
+        """The exchange for ``request``, whose head has been taken from the input."""
         self.busy = True
         self._front._request_began()
         handler = self._front.handler
@@ -383,12 +394,12 @@ class FrontProtocol(asyncio.Protocol, Client):
             self, handler, request, read_idle_seconds=self._front.read_idle_seconds,
             watchdog=self._watchdog,
         )  # fmt: skip
-        if buffer and exchange.wants_body:
-            self._buffer = bytearray(exchange.request_body(bytes(buffer)))
-        exchange.start()
+        return exchange
 
     def _request_of(self, head: bytes) -> Request | None:
         """The request in ``head`` if the front serves it, else None (aiohttp's)."""
+        if len(head) > MAX_HEAD_BYTES:
+            return None
         # The header block (everything after the request line): when it is the one the
         # last request had, what it decides is known already (``_Known``); llhttp still
         # checks the whole head, but without a Python call per field.
@@ -444,14 +455,18 @@ class FrontProtocol(asyncio.Protocol, Client):
             ]
             facts = handler.facts(request_headers, self.peer_ip)
             known = self._known = _Known(block, parsed, facts)
+        url = line.url
+        # "{method} {url} HTTP/1.1" with single spaces (12: two spaces, the version, CRLF).
+        canonical = not http10 and line_end == len(method) + len(url) + 12
         return Request(
             method.decode("ascii"),
             # surrogateescape keeps any byte the client sent; request_head encodes it back.
-            line.url.decode("utf-8", "surrogateescape"),
+            url.decode("utf-8", "surrogateescape"),
             known.facts,
             body_length=parsed.length,
             keep_alive=parsed.keep_alive(http10) and not self._eof and not handler.draining,
             http10=http10,
+            line=head[:line_end] if canonical else b"",
         )
 
     def _hand_over(self) -> None:

@@ -309,6 +309,30 @@ async def test_pipelined_requests_route_by_their_own_host(tenants: Tenants) -> N
     assert [r.target for r in t.attacker.requests][:10] == [f"/attack-{i}" for i in range(0, 20, 2)]
 
 
+async def test_the_sandbox_gets_a_canonical_request_line(tenants: Tenants) -> None:
+    """Whatever line a client sent, the sandbox gets ``METHOD origin-target HTTP/1.1``
+    with single spaces: the client's own bytes when they are that, rebuilt otherwise."""
+    t = tenants
+    host = t.host(ATTACKER)
+    cases = {
+        "GET /attack?q=%20x HTTP/1.1": b"GET /attack?q=%20x HTTP/1.1\r\n",
+        "GET /attack HTTP/1.0": b"GET /attack HTTP/1.1\r\n",
+        f"GET http://{host}/attack?q HTTP/1.1": b"GET /attack?q HTTP/1.1\r\n",
+        "GET  /attack HTTP/1.1": b"GET /attack HTTP/1.1\r\n",
+        "POST /attack HTTP/1.1": b"POST /attack HTTP/1.1\r\n",
+    }
+    for line, expected in cases.items():
+        seen = [len(c.received) for c in t.attacker.connections]
+        body = "Content-Length: 0\r\n" if line.startswith("POST") else ""
+        await check(t, f"{line}\r\nHost: {host}\r\n{body}\r\n".encode(), smuggle=False)
+        sent = b"".join(
+            bytes(c.received[seen[i] if i < len(seen) else 0 :])
+            for i, c in enumerate(t.attacker.connections)
+        )
+        first_lines = [head.split(b"\r\n", 1)[0] + b"\r\n" for head in sent.split(b"\r\n\r\n")[:-1]]
+        assert expected in first_lines, (line, sent[:200])
+
+
 @pytest.mark.catalogue("SMUG-21", "SMUG-23", "HOST-07", "HOST-13")
 async def test_request_line_grammar_limits_and_absolute_form(tenants: Tenants) -> None:
     """Odd request lines, oversized lines and mismatching absolute-form targets are refused."""
