@@ -445,19 +445,19 @@ class _RandomIds:
     def __init__(self) -> None:
         self._ids: list[str] = []
 
-    def __call__(self) -> str:
+    def next(self) -> str:
         if not self._ids:
             text = os.urandom(8 * self._BATCH).hex()
             self._ids = [text[i : i + 16] for i in range(0, len(text), 16)]
         return self._ids.pop()
 
 
-_random_ids = _RandomIds()
+_random_ids: Final = _RandomIds()
 
 
 def new_request_id() -> str:
     """A fresh request id: 16 lowercase hex characters (64 random bits)."""
-    return _random_ids()
+    return _random_ids.next()  # (a method: compiled, calling an instance is a generic call)
 
 
 def is_valid_request_id(value: str) -> bool:
