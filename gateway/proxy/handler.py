@@ -27,7 +27,7 @@ from gateway.missbudget import MISS_CODES, MissBudget
 from gateway.proxy import pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.connlimit import ConnectionLimiter, effective_limit
-from gateway.proxy.http import Answer, RequestPlan, forward_http, header_lines
+from gateway.proxy.http import Answer, RequestPlan, UpstreamFields, forward_http, header_lines
 from gateway.proxy.sessions import ActiveSessions, Session, Stop
 from gateway.proxy.upstream import UpstreamPool
 from gateway.routing import model, rules
@@ -54,7 +54,7 @@ class EdgeSettings:
     connections_per_sandbox: int = 0
 
 
-class HeadFacts:
+class HeadFacts(UpstreamFields):
     """What a request's header fields and TCP peer decide, whatever its method and target.
 
     Pure functions of (fields, peer, settings), so a keep-alive connection that sends the

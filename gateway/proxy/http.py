@@ -12,12 +12,13 @@ Contract of ``forward_http``:
 
 from __future__ import annotations
 
+import abc
 import time
-import typing
 from dataclasses import dataclass
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
+from mypy_extensions import trait
 
 from gateway import errors, headers
 from gateway.proxy.accounting import RequestRecord
@@ -46,12 +47,17 @@ class RelayedResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
-class UpstreamFields(typing.Protocol):
-    """The header fields a request sends its sandbox (``handler.HeadFacts``)."""
+@trait
+class UpstreamFields:
+    """The header fields a request sends its sandbox (``handler.HeadFacts``); a mypyc
+    trait, so that compiled calls through it are C calls (``exchange.Client``)."""
 
+    @abc.abstractmethod
     def upstream_headers(
         self, request_id: str, host_rewrite_port: int | None
     ) -> list[tuple[str, str]]: ...
+
+    @abc.abstractmethod
     def upstream_block(self, host_rewrite_port: int | None) -> bytes: ...
 
 
