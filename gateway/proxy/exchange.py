@@ -134,21 +134,23 @@ class Watchdog:
     the exchange then in progress (a later request's), it moves on to that deadline.
     """
 
-    __slots__ = ("_exchange", "_timer", "loop")
+    __slots__ = ("_exchange", "_timer", "_when", "loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop  # the connection's, for its exchanges too
         self._timer: asyncio.TimerHandle | None = None
+        self._when = 0.0  # the timer's (kept: TimerHandle.when() is a generic call)
         self._exchange: Exchange | None = None
 
     def watch(self, exchange: Exchange, due: float) -> None:
         """Call ``exchange.on_deadline()`` at ``due`` or earlier."""
         self._exchange = exchange
         timer = self._timer
-        if timer is None or timer.when() > due:
+        if timer is None or self._when > due:
             if timer is not None:
                 timer.cancel()
             self._timer = self.loop.call_at(due, self._fire)
+            self._when = due
 
     def forget(self, exchange: Exchange) -> None:
         if self._exchange is exchange:
