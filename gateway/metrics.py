@@ -61,7 +61,11 @@ class Metrics:
     """The gateway's metrics; ``observe`` is the accounting sink, ``render`` the scrape."""
 
     def __init__(self) -> None:
-        self._requests: dict[tuple[str, str, str], int] = {}
+        # (kind, outcome, status class) -> a one-item list, the count: the last key's
+        # list is kept beside, so a repeat (most requests) costs no tuple and no lookup.
+        self._requests: dict[tuple[str, str, str], list[int]] = {}
+        self._last_key = ("", "", "")
+        self._last_count = [0]
         self._errors: dict[str, int] = {}
         self._bytes_in = 0
         self._bytes_out = 0
@@ -78,8 +82,16 @@ class Metrics:
         status = record.status
         known = 0 <= status < 1000
         status_class = _STATUS_CLASSES[status // 100] if known else f"{status // 100}xx"
-        key = (record.kind, record.outcome, status_class)
-        self._requests[key] = self._requests.get(key, 0) + 1
+        kind, outcome, last = record.kind, record.outcome, self._last_key
+        if kind == last[0] and outcome == last[1] and status_class == last[2]:
+            self._last_count[0] += 1
+        else:
+            key = (kind, outcome, status_class)
+            count = self._requests.get(key)
+            if count is None:
+                count = self._requests[key] = [0]
+            count[0] += 1
+            self._last_key, self._last_count = key, count
         if record.code:
             self._errors[record.code] = self._errors.get(record.code, 0) + 1
         self._bytes_in += record.bytes_in
@@ -113,7 +125,7 @@ class Metrics:
     def snapshot(self) -> dict[str, Any]:
         """This process's figures as plain JSON-able data."""
         return {
-            "requests": [[*key, count] for key, count in self._requests.items()],
+            "requests": [[*key, count[0]] for key, count in self._requests.items()],
             "errors": dict(self._errors),
             "bytes": [self._bytes_in, self._bytes_out],
             "request_seconds": [list(self._request_seconds.counts), self._request_seconds.total],

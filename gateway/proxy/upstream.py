@@ -792,7 +792,10 @@ class UpstreamPool:
 
     def _put_idle(self, key: tuple[str, int], connection: _Connection) -> None:
         connection.idle_since = _monotonic()
-        self._idle.setdefault(key, []).append(connection)
+        idle = self._idle.get(key)
+        if idle is None:  # (not setdefault: its default list would be made every time)
+            idle = self._idle[key] = []
+        idle.append(connection)
         if not self._sweeping:  # (not Task.done(): a generic call per request)
             self._sweeping = True
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
