@@ -78,16 +78,19 @@ class AccessLog:
         # headers.is_valid_request_id or was made by the gateway, and codes are the
         # gateway's own identifiers.
         code = f'"{record.code}"' if record.code else "null"
+        status = record.status
         total = int(record.total_seconds * 1_000_000)  # (as _millis, without its string)
         return (
             f'{{"time":"{self._iso(record.started + self._wall_offset)}",'
             f'"requestId":"{record.request_id}","kind":"{record.kind}",'
             f"{self._peer_fields(record)}"
             f'"path":{_text(path)},'
-            f'"status":{record.status},"bytesIn":{record.bytes_in},'
-            f'"bytesOut":{record.bytes_out},"upstreamMs":{_millis(record.upstream_seconds)},'
-            f'"totalMs":{total // 1000}.{_THREE_DIGITS[total % 1000]},"outcome":"{record.outcome}",'
-            f'"code":{code}}}\n'
+            # (str() of a status is a conversion; the table has every three-digit one)
+            f'"status":{_THREE_DIGITS[status] if 100 <= status < 1000 else str(status)},'
+            f'"bytesIn":{record.bytes_in},"bytesOut":{record.bytes_out},'
+            f'"upstreamMs":{_millis(record.upstream_seconds)},'
+            f'"totalMs":{total // 1000}.{_THREE_DIGITS[total % 1000]},'
+            f'"outcome":"{record.outcome}","code":{code}}}\n'
         ).encode()
 
     def _peer_fields(self, record: RequestRecord) -> str:
