@@ -30,6 +30,10 @@ where it bit):
 - A module-level name the request path reads is ``Final`` (``exchange._DONE``,
   ``front.MAX_HEAD_BYTES``): otherwise every use is a lookup in the module's dict, and a
   function from another module (``time.monotonic``) an attribute lookup per call.
+- An interface the request path calls through is a mypyc ``@trait`` the implementation
+  subclasses (``exchange.Client``, ``upstream.ResponseConsumer``), not a
+  ``typing.Protocol``: through a protocol every call is a generic method call. Calling an
+  instance (``__call__``) is generic too: give it a method (``headers._RandomIds.next``).
 
 Pure: standard library only, so ``setup.py`` can read ``MODULES`` before anything is
 installed.
