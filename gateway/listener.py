@@ -19,6 +19,7 @@ gets a ``_Connection`` that sits in front of aiohttp's ``RequestHandler`` and
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import ipaddress
 import logging
@@ -26,6 +27,8 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from mypy_extensions import trait
 
 from gateway import proxyproto
 
@@ -132,10 +135,20 @@ class Listener:
                 connection.arm_header_timeout()
 
 
+@trait
+class Reader:
+    """An inner protocol whose reads the listener passes on by a C call
+    (``front.FrontProtocol``); through ``asyncio.Protocol`` each is a generic call."""
+
+    @abc.abstractmethod
+    def data_received(self, data: bytes) -> None: ...
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self._listener = listener
         self._inner: asyncio.Protocol | None = None
+        self._reader: Reader | None = None  # the inner protocol, when it is a Reader
         self._transport: asyncio.Transport | None = None
         self._seen: asyncio.BaseTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -172,13 +185,13 @@ class _Connection(asyncio.Protocol):
         if self._inner is None:
             return
         if self.in_request or self._timer is not None:
-            self._inner.data_received(data)
+            self._pass_on(data)
             return
         # The first bytes of a request. The timer is armed after they are handled, and
         # only if no request started meanwhile: a whole head in one read (the common
         # case) then costs no timer at all.
         started = self._started
-        self._inner.data_received(data)
+        self._pass_on(data)
         if self._started == started and not self.in_request and self._timer is None:
             self.arm_header_timeout()
 
@@ -205,8 +218,15 @@ class _Connection(asyncio.Protocol):
 
     # Private methods ------------------------------------------------------------------
 
+    def _pass_on(self, data: bytes) -> None:
+        if self._reader is not None:
+            self._reader.data_received(data)
+        elif self._inner is not None:
+            self._inner.data_received(data)
+
     def _start_inner(self, transport: asyncio.Transport) -> None:
-        self._inner = self._listener._inner_factory()
+        self._inner = inner = self._listener._inner_factory()
+        self._reader = inner if isinstance(inner, Reader) else None
         self._seen = transport
         self._listener._by_transport[transport] = self
         # The first request head is due within the header timeout of the connection itself.

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import httptools
 from aiohttp import web_protocol
 
+from gateway.listener import Reader
 from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
 from gateway.proxy.exchange import Client, Exchange, RelayedFields, Request, Watchdog
@@ -187,7 +188,7 @@ class Front:
             self._quiet.set()
 
 
-class FrontProtocol(asyncio.Protocol, Client):
+class FrontProtocol(asyncio.Protocol, Client, Reader):
     """One client connection; see the module docstring."""
 
     def __init__(self, front: Front) -> None:
