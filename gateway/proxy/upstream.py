@@ -321,7 +321,7 @@ class UpstreamResponse:
     def __init__(
         self,
         pool: UpstreamPool,
-        key: tuple[str, int],
+        target: Upstream,
         *,
         head_only: bool,
         consumer: ResponseConsumer | None = None,
@@ -329,7 +329,7 @@ class UpstreamResponse:
         """With a ``consumer``, the answer is pushed to it (see ``ResponseConsumer``) and
         ``read_chunk`` is not used; without one, it is buffered for ``read_chunk``."""
         self._pool = pool
-        self._key = key
+        self._target = target  # whose pool the connection goes back to
         self._head_only = head_only
         self.consumer = consumer
         self._connection: _Connection | None = None
@@ -434,7 +434,7 @@ class UpstreamResponse:
             return
         reusable = self.complete and self.keep_alive and self.request_sent
         if reusable and not connection.closed and self._error is None:
-            self._pool._put_idle(self._key, connection)
+            self._pool._put_idle(self._target, connection)
         else:
             connection._abort()
 
@@ -561,7 +561,9 @@ class UpstreamPool:
         self._timeouts = timeouts
         # Called with the seconds each new TCP connect to a sandbox took.
         self._observe_connect = observe_connect
-        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        # Idle connections by incarnation, then port: two lookups of a str and an int are
+        # cheaper than one of a (str, int) tuple, which compiled code builds per lookup.
+        self._idle: dict[str, dict[int, list[_Connection]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._sweeping = False  # the sweeper runs
 
@@ -587,9 +589,8 @@ class UpstreamPool:
         Raises:
             errors.UpstreamRefused, errors.UpstreamTimeout, errors.UpstreamProtocolError.
         """
-        key = (target.incarnation, target.port)
-        connection = self._take_idle(key) or await self._connect(target)
-        response = UpstreamResponse(self, key, head_only=head_only)
+        connection = self._take_idle(target) or await self._connect(target)
+        response = UpstreamResponse(self, target, head_only=head_only)
         head_ready = response._head_ready
         assert head_ready is not None
         connection.start(response)
@@ -630,9 +631,8 @@ class UpstreamPool:
         """A pushed response on an idle pooled connection to ``target``, or None if
         there is none (then ``connect_and_begin``). The caller writes the request with
         ``response.write`` and times the answer itself."""
-        key = (target.incarnation, target.port)
-        connection = self._take_idle(key)
-        return None if connection is None else self._bind(connection, key, consumer, head_only)
+        connection = self._take_idle(target)
+        return None if connection is None else self._bind(connection, target, consumer, head_only)
 
     async def connect_and_begin(
         self, target: Upstream, consumer: ResponseConsumer, *, head_only: bool
@@ -643,16 +643,12 @@ class UpstreamPool:
             errors.UpstreamRefused, errors.UpstreamTimeout.
         """
         connection = await self._connect(target)
-        return self._bind(connection, (target.incarnation, target.port), consumer, head_only)
+        return self._bind(connection, target, consumer, head_only)
 
     def _bind(
-        self,
-        connection: _Connection,
-        key: tuple[str, int],
-        consumer: ResponseConsumer,
-        head_only: bool,
+        self, connection: _Connection, target: Upstream, consumer: ResponseConsumer, head_only: bool
     ) -> UpstreamResponse:
-        response = UpstreamResponse(self, key, head_only=head_only, consumer=consumer)
+        response = UpstreamResponse(self, target, head_only=head_only, consumer=consumer)
         connection.start(response)
         return response
 
@@ -664,13 +660,14 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()  # (maybe before it ran: then its finally never does)
             self._sweeping = False
-        for connections in self._idle.values():
-            for connection in connections:
-                connection._abort()
+        for by_port in self._idle.values():
+            for connections in by_port.values():
+                for connection in connections:
+                    connection._abort()
         self._idle.clear()
 
     def idle_count(self) -> int:
-        return sum(len(c) for c in self._idle.values())
+        return sum(len(c) for by_port in self._idle.values() for c in by_port.values())
 
     # Private methods ------------------------------------------------------------------
 
@@ -779,8 +776,9 @@ class UpstreamPool:
             # outside the handler: see gateway/compiled.py.)
             await asyncio.sleep(_CONNECT_RETRY_STEP_SECONDS)
 
-    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
-        connections = self._idle.get(key)
+    def _take_idle(self, target: Upstream) -> _Connection | None:
+        by_port = self._idle.get(target.incarnation)
+        connections = None if by_port is None else by_port.get(target.port)
         limit = _monotonic() - self._timeouts.pool_idle_seconds
         while connections:
             connection = connections.pop()
@@ -790,11 +788,15 @@ class UpstreamPool:
             connection._abort()
         return None
 
-    def _put_idle(self, key: tuple[str, int], connection: _Connection) -> None:
+    def _put_idle(self, target: Upstream, connection: _Connection) -> None:
         connection.idle_since = _monotonic()
-        idle = self._idle.get(key)
-        if idle is None:  # (not setdefault: its default list would be made every time)
-            idle = self._idle[key] = []
+        # (not setdefault: its default would be made every time)
+        by_port = self._idle.get(target.incarnation)
+        if by_port is None:
+            by_port = self._idle[target.incarnation] = {}
+        idle = by_port.get(target.port)
+        if idle is None:
+            idle = by_port[target.port] = []
         idle.append(connection)
         if not self._sweeping:  # (not Task.done(): a generic call per request)
             self._sweeping = True
@@ -806,16 +808,19 @@ class UpstreamPool:
             while self._idle:
                 await asyncio.sleep(self._timeouts.pool_idle_seconds)
                 limit = _monotonic() - self._timeouts.pool_idle_seconds
-                for key in list(self._idle):
-                    keep = []
-                    for connection in self._idle[key]:
-                        if connection.closed or connection.idle_since <= limit:
-                            connection._abort()
+                for incarnation, by_port in list(self._idle.items()):
+                    for port, connections in list(by_port.items()):
+                        keep = []
+                        for connection in connections:
+                            if connection.closed or connection.idle_since <= limit:
+                                connection._abort()
+                            else:
+                                keep.append(connection)
+                        if keep:
+                            by_port[port] = keep
                         else:
-                            keep.append(connection)
-                    if keep:
-                        self._idle[key] = keep
-                    else:
-                        del self._idle[key]
+                            del by_port[port]
+                    if not by_port:
+                        del self._idle[incarnation]
         finally:
             self._sweeping = False
