@@ -214,7 +214,7 @@ def request_head(
     """A request head to the sandbox; ``block``: header lines encoded already
     (``header_lines``), sent before ``header_list``."""
     start = f"{method} {path} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")
-    return start + block + (header_lines(header_list) if header_list else b"") + b"\r\n"
+    return start + block + header_lines(header_list) + b"\r\n"
 
 
 def header_lines(header_list: list[tuple[str, str]]) -> bytes:
