@@ -130,12 +130,15 @@ class _RequestLine:
 class _Known:
     """The last header block served on a connection, with what it decided."""
 
-    __slots__ = ("block", "facts", "head")
+    __slots__ = ("block", "facts", "head", "plain")
 
-    def __init__(self, block: bytes, head: _Head, facts: HeadFacts) -> None:
+    def __init__(self, block: bytes, head: _Head, facts: HeadFacts, *, plain: bool) -> None:
         self.block = block
         self.head = head
         self.facts = facts
+        # Complete, with no body and no upgrade: a request line whose method and
+        # target llhttp takes as they are (``_plain_line``) needs no parse with it.
+        self.plain = plain
 
 
 class Front:
@@ -413,6 +416,17 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
         # that; a search of the line was 3 % of a request's instructions).
         if _has_bare_cr_or_lf(head) if known is None else head[0] in (0x0D, 0x0A):
             return None
+        handler = self._front.handler
+        if known is not None and known.plain:
+            request_line = head[:line_end]
+            taken = _plain_line(request_line)
+            if taken is not None:
+                return Request(
+                    taken[0], taken[1], known.facts, body_length=0,
+                    keep_alive=known.head.keep_alive(False) and not self._eof
+                    and not handler.draining,
+                    http10=False, line=request_line,
+                )  # fmt: skip
         line: _Head | _RequestLine
         if known is not None:
             parsed, line = known.head, self._line
@@ -448,14 +462,14 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
             or method == b"CONNECT"
         ):
             return None
-        handler = self._front.handler
         if known is None:
             request_headers = [
                 (k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
                 for k, v in parsed.raw
             ]
             facts = handler.facts(request_headers, self.peer_ip)
-            known = self._known = _Known(block, parsed, facts)
+            plain = parsed.complete and not parsed.length and not upgrade
+            known = self._known = _Known(block, parsed, facts, plain=plain)
         url = line.url
         # "{method} {url} HTTP/1.1" with single spaces (12: two spaces, the version, CRLF).
         canonical = not http10 and line_end == len(method) + len(url) + 12
@@ -499,6 +513,36 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+
+
+# A plain request line's start ("{method} /") and its method (``_plain_line``).
+_PLAIN_STARTS: typing.Final = tuple(
+    (f"{method} /".encode("ascii"), method)
+    for method in ("GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE")
+)
+# Every byte llhttp takes in a target as itself; any other byte to another one (XOR 1).
+_TARGET_BYTES: typing.Final = bytes(b if 0x21 <= b <= 0x7E else b ^ 1 for b in range(256))
+
+
+def _plain_line(line: bytes) -> tuple[str, str] | None:
+    """The method and target of ``line`` when it is ``{method} {target} HTTP/1.1`` and
+    CRLF, with a method of ``_PLAIN_STARTS`` and an origin-form target of printable
+    ASCII: llhttp takes each such line as it is (tests/unit/test_front.py holds it to
+    that), so with a known header block it needs no parse (a third of a small request's
+    head handling). Else None: llhttp's to parse.
+
+    (Compiled, ``startswith``, ``endswith`` and ``translate`` on bytes are C calls, where
+    ``find``, ``isascii`` or ``isprintable`` would each be a generic method call.)"""
+    if not line.endswith(b" HTTP/1.1\r\n"):
+        return None
+    for start, method in _PLAIN_STARTS:
+        if line.startswith(start):
+            # (the start ends in "/" and the end begins with " ": they can't overlap)
+            target = line[len(start) - 1 : -11]
+            if target.translate(_TARGET_BYTES) != target:
+                return None  # a control byte, a space, DEL or an 8-bit byte
+            return method, target.decode("ascii")
+    return None
 
 
 def _has_bare_cr_or_lf(data: bytes | bytearray) -> bool:

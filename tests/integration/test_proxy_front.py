@@ -173,6 +173,36 @@ async def test_a_cr_or_lf_in_the_request_line_of_a_known_block_is_never_served(
         assert front.handed_over == before + 1, repr(line)
 
 
+async def test_a_known_block_under_any_request_line_is_served_as_llhttp_reads_it(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """After a good request, the same header block under other request lines: lines
+    llhttp takes are served by the front with the target it read (plain ones and not),
+    lines it refuses go to aiohttp's strict parser (400)."""
+    block = f"Host: {host}\r\n\r\n".encode()
+    served = [(b"GET /b?c=d#e HTTP/1.1", "/b?c=d#e"), (b"DELETE /del HTTP/1.1", "/del"),
+              (b"GET  /two-spaces HTTP/1.1", "/two-spaces"), (b"GET /ten HTTP/1.0", "/ten"),
+              (b"GET http://" + host.encode() + b"/abs HTTP/1.1", "/abs")]  # fmt: skip
+    refused = [b"GET /a\x7fb HTTP/1.1", b"GET /a\tb HTTP/1.1", b"GET /\xc3\xa9 HTTP/1.1",
+               b"get /a HTTP/1.1", b"FETCH /a HTTP/1.1"]  # fmt: skip
+    front = gateway.running.front
+    for line, path in served:
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(b"GET /good HTTP/1.1\r\n" + block)
+            assert _echoed(await conn.read_response())["path_qs"] == "/good"
+            await conn.send(line + b"\r\n" + block)
+            assert _echoed(await conn.read_response())["path_qs"] == path, line
+    assert front.handed_over == 0
+    for line in refused:
+        before = front.handed_over
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(b"GET /good HTTP/1.1\r\n" + block)
+            assert _echoed(await conn.read_response())["path_qs"] == "/good"
+            await conn.send(line + b"\r\n" + block)
+            assert (await conn.read_response()).status == 400, line
+        assert front.handed_over == before + 1, line
+
+
 async def test_request_lines_other_than_http_10_and_11_are_never_served_by_the_front(
     gateway: GatewayHandle, host: str, upstream: Upstream
 ) -> None:

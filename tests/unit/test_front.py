@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import httptools
+
+from gateway.proxy import front
 
 _LINES = (b"GET / HTTP/1.1", b"GET /a/b?c=d HTTP/1.1", b"POST http://x/y HTTP/1.0",
           b"OPTIONS * HTTP/1.1", b"GET /%20x#f HTTP/1.1")  # fmt: skip
@@ -12,6 +16,10 @@ _BREAKS = (b"\r", b"\n", b"\r\r", b"\n\r")
 class _Message:
     def __init__(self) -> None:
         self.complete = False
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -49,3 +57,60 @@ def test_llhttp_skips_a_cr_or_lf_before_a_request_line() -> None:
     """Why the front looks at the first byte itself: llhttp serves such a head."""
     for lead in (b"\r", b"\n"):
         assert _served_by_llhttp(lead + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", after_a_request=False)
+
+
+def _llhttp_line(line: bytes) -> tuple[str, str] | None:
+    """The method and target llhttp reads from ``line`` in a complete HTTP/1.1 head."""
+    message = _Message()
+    parser = httptools.HttpRequestParser(message)
+    try:
+        parser.feed_data(line + b"Host: x\r\n\r\n")
+    except httptools.HttpParserError:
+        return None
+    if not message.complete or parser.get_http_version() != "1.1":
+        return None
+    return parser.get_method().decode("ascii"), message.url.decode("ascii")
+
+
+def _mutations(line: bytes) -> list[bytes]:
+    """``line`` with each byte replaced by, and with each byte inserted before, every
+    byte value."""
+    return [
+        line[:at] + bytes([value]) + line[at + skip :]
+        for at in range(len(line))
+        for value in range(256)
+        for skip in (0, 1)
+    ]
+
+
+def test_a_plain_line_is_taken_by_llhttp_as_it_is() -> None:
+    """Whatever ``_plain_line`` takes (method and target), llhttp parses from that line the
+    same way: every method, printable targets, and every one-byte change of a few lines."""
+    rng = random.Random(5)
+    printable = bytes(range(0x21, 0x7F))
+    lines = [f"{method} /a/b?c=d#e HTTP/1.1\r\n".encode() for _, method in front._PLAIN_STARTS]
+    lines += [
+        b"GET /" + bytes(rng.choices(printable, k=rng.randint(0, 40))) + b" HTTP/1.1\r\n"
+        for _ in range(3000)
+    ]
+    for base in (b"GET /x?y HTTP/1.1\r\n", b"DELETE / HTTP/1.1\r\n"):
+        lines += _mutations(base)
+    taken = 0
+    for line in lines:
+        plain = front._plain_line(line)
+        if plain is not None:
+            taken += 1
+            assert plain == _llhttp_line(line), line
+    assert 3000 < taken < len(lines) - 3000
+
+
+def test_other_lines_are_left_to_llhttp() -> None:
+    """Lines that are not plain HTTP/1.1 origin-form ones get no answer from
+    ``_plain_line``, whether llhttp takes them or not."""
+    for line in (b"GET http://x/ HTTP/1.1\r\n", b"OPTIONS * HTTP/1.1\r\n",
+                 b"GET / HTTP/1.0\r\n", b"GET  / HTTP/1.1\r\n", b"GET / HTTP/1.1 \r\n",
+                 b"GET /a b HTTP/1.1\r\n", b"GET /a\tb HTTP/1.1\r\n",
+                 b"GET /\x7f HTTP/1.1\r\n", b"GET /\xc3\xa9 HTTP/1.1\r\n",
+                 b"CONNECT / HTTP/1.1\r\n", b"get / HTTP/1.1\r\n", b"GET /\r\n",
+                 b"GET / HTTP/1.1\n", b"GET\r\n"):  # fmt: skip
+        assert front._plain_line(line) is None, line
