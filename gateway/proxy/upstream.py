@@ -111,8 +111,32 @@ class _HeadTooLarge(Exception):
     """Raised inside a parser callback: the response head passed MAX_RESPONSE_HEAD_BYTES."""
 
 
+class _KnownAnswer:
+    """A whole response a connection's parser read from one read (``head``, then a
+    ``Content-Length`` body), with what llhttp found in its head. llhttp parses the same
+    bytes at the start of a message the same way, so a later read of the same length
+    that starts with ``head`` is the same head with a body of that length."""
+
+    __slots__ = ("head", "keep_alive", "raw", "reason", "size", "status")
+
+    def __init__(self, head: bytes, size: int, response: UpstreamResponse) -> None:
+        self.head = head
+        self.size = size  # the head and its body
+        self.status = response.status
+        self.reason = response._reason
+        self.raw = tuple(response._raw_headers)
+        self.keep_alive = response.keep_alive
+
+
 class _Connection(asyncio.Protocol):
-    """One TCP connection to a sandbox, carrying one request/response at a time."""
+    """One TCP connection to a sandbox, carrying one request/response at a time.
+
+    A sandbox mostly answers a connection's requests with one head (a dev server's
+    assets, a polled endpoint): the second time a whole answer arrives in one read with
+    the head the last one had, it becomes the connection's ``_KnownAnswer``, and a read
+    of its size that starts with its head is taken without the parser (its callbacks
+    were a tenth of a small request's instructions, docs/performance.md).
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -130,6 +154,12 @@ class _Connection(asyncio.Protocol):
         # The head of a consumer's response ended in the current read (see data_received).
         self._head_just_parsed = False
         self._body_left = 0
+        self._known: _KnownAnswer | None = None
+        # The last parsed final head (status, reason, fields): a head seen twice in a
+        # row is worth knowing (``_learn``).
+        self._last_status = 0
+        self._last_reason = b""
+        self._last_raw: list[tuple[bytes, bytes]] = []
         self._can_write = asyncio.Event()
         self._can_write.set()
         self._lost = asyncio.get_running_loop().create_future()
@@ -151,6 +181,15 @@ class _Connection(asyncio.Protocol):
         if self._body_left:
             self._pass_body(response, data)
             return
+        known = self._known
+        fresh = not response.began  # this read begins the response
+        if (
+            fresh and known is not None and len(data) == known.size
+            and not response._head_only and data.startswith(known.head)
+        ):  # fmt: skip
+            self._take_known(response, known, data)
+            return
+        response.began = True
         try:
             self._parser.feed_data(data)
             if consumer is not None:
@@ -163,6 +202,8 @@ class _Connection(asyncio.Protocol):
                     if length:
                         self._body_left = length - response.body_received
                         self._parser_spent = True  # llhttp still counts that body: no reuse
+            if fresh and response.complete:
+                self._learn(response, data)
         except httptools.HttpParserUpgrade:
             response._fail(errors.UpstreamProtocolError("the sandbox switched protocols"))
             self._abort()
@@ -174,6 +215,38 @@ class _Connection(asyncio.Protocol):
                 message = f"the sandbox broke HTTP: {exc}"
             response._fail(errors.UpstreamProtocolError(message))
             self._abort()
+
+    def _take_known(self, response: UpstreamResponse, known: _KnownAnswer, data: bytes) -> None:
+        """``data`` is ``known``'s head and its whole body: the parser's callbacks, made
+        here (the parser stays at the start of a message, where it was)."""
+        response.began = True
+        response._reason = known.reason
+        response._raw_headers = list(known.raw)
+        response._pool.known_answers += 1
+        response._headers_done(known.status, known.keep_alive)
+        if len(data) > len(known.head):
+            response._feed(data[len(known.head) :])
+        self._finish_message(keep_alive_ok=True)
+
+    def _learn(self, response: UpstreamResponse, data: bytes) -> None:
+        """Know the answer ``response`` (complete, and begun by ``data``) when its head
+        is the last parsed one's too, came whole in ``data`` with a Content-Length body,
+        and is exactly the bytes its parts give back (so its end is where llhttp found
+        it)."""
+        status, reason, raw = response.status, response._reason, response._raw_headers
+        if status != self._last_status or reason != self._last_reason or raw != self._last_raw:
+            self._last_status, self._last_reason, self._last_raw = status, reason, raw
+            return
+        if response.no_body or status < 200:
+            return  # a HEAD's or a 204's length is not its body's
+        length, coding = response._framing()
+        if coding is not None or length is None or length != response.body_received:
+            return
+        head = b"HTTP/1.1 %d %b\r\n%b\r\n" % (
+            status, reason, b"".join([b"%b: %b\r\n" % field for field in raw])
+        )  # fmt: skip
+        if len(data) == len(head) + length and data.startswith(head):
+            self._known = _KnownAnswer(head, len(data), response)
 
     def _pass_body(self, response: UpstreamResponse, data: bytes) -> None:
         """The rest of a Content-Length body, pushed without the parser: after the first
@@ -350,6 +423,7 @@ class UpstreamResponse:
         self.status = 0
         self.keep_alive = False
         self.complete = False
+        self.began = False  # a read of the answer has arrived
         self.body_received = 0
         self.got_bytes = False
         self.request_sent = False  # the whole request went out (else: never reuse)
@@ -566,6 +640,7 @@ class UpstreamPool:
         self._idle: dict[str, dict[int, list[_Connection]]] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._sweeping = False  # the sweeper runs
+        self.known_answers = 0  # answers taken as a connection's _KnownAnswer
 
     async def request(
         self,

@@ -22,6 +22,7 @@ from aiohttp import web
 from gateway.routing.store import RouteWriter
 from tests.support.gateway import GatewayHandle, route_writer, running_gateway
 from tests.support.rawhttp import RawConnection, exchange, request_bytes
+from tests.support.recording import RecordedRequest, RecordingUpstream, Reply
 from tests.support.upstreams import GZIP_PAYLOAD, Upstream, echo_app, start_upstream
 from tests.support.waiting import MS
 
@@ -529,6 +530,54 @@ async def test_keep_alive_reuse_and_per_incarnation_pools(
     finally:
         await first.stop()
         await second.stop()
+
+
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+# What the sandbox answers to each path: mostly the one answer, with a few that look
+# like it (same size, or same head) but are not.
+_REPEATED_HEAD_SCRIPT = {
+    "/longer": _HEAD + b"helloXX",  # past its length: the connection is not reused
+    "/one-byte-off": _HEAD.replace(b"plain", b"plaim") + b"hello",
+    "/other-length": _HEAD.replace(b": 5", b": 2") + b"ok",
+    "/other-body": _HEAD + b"HELLO",
+}
+
+
+def _repeated_head_reply(request: RecordedRequest) -> Reply:
+    if request.method == "HEAD":
+        return Reply(_HEAD)
+    return Reply(_REPEATED_HEAD_SCRIPT.get(request.target, _HEAD + b"hello"))
+
+
+async def test_a_repeated_answer_head_is_read_as_llhttp_reads_it(
+    gateway: GatewayHandle, writer: RouteWriter
+) -> None:
+    """A sandbox answering a connection's requests with one head: from the third such
+    answer on they are taken without the parser and relayed as the parser reads them;
+    bytes that only look like that answer (one byte off, another length, a HEAD's
+    answer, bytes past the body) are parsed."""
+    steps = [  # the request, what the client gets, answers taken as known after it
+        ("GET", "/1", b"hello", "text/plain", 0), ("GET", "/2", b"hello", "text/plain", 0),
+        ("GET", "/3", b"hello", "text/plain", 1), ("HEAD", "/3", b"", "text/plain", 1),
+        ("GET", "/other-body", b"HELLO", "text/plain", 2),
+        ("GET", "/one-byte-off", b"hello", "text/plaim", 2),
+        ("GET", "/other-length", b"ok", "text/plain", 2),
+        ("GET", "/4", b"hello", "text/plain", 3), ("GET", "/longer", b"hello", "text/plain", 3),
+        ("GET", "/5", b"hello", "text/plain", 3), ("GET", "/6", b"hello", "text/plain", 3),
+        ("GET", "/7", b"hello", "text/plain", 4), ("HEAD", "/7", b"", "text/plain", 4),
+    ]  # fmt: skip
+    pool = gateway.running.handler.pool
+    async with RecordingUpstream.start("127.0.0.2", script=_repeated_head_reply) as sandbox:
+        host = await gateway.expose(writer, SANDBOX, sandbox.port)
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            for method, path, body, content_type, known in steps:
+                await conn.send(request_bytes(method, path, [("Host", host)]))
+                response = await conn.read_response(head_request=method == "HEAD")
+                got = (response.status, response.body, response.header("Content-Type"))
+                assert got == (200, body, content_type), (method, path)
+                assert pool.known_answers == known, (method, path)
+        # /longer's bytes past its body ended the first connection.
+        assert [len(c.requests) for c in sandbox.connections] == [9, 4]
 
 
 async def test_connect_retry_window_covers_a_late_server(
