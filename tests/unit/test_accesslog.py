@@ -56,22 +56,41 @@ def test_userinfo_of_an_absolute_target_is_dropped() -> None:
 
 
 def test_lines_of_different_peers_through_one_log_keep_their_own_fields() -> None:
-    """The cached per-peer fields never leak from one record's line into another's."""
+    """The cached per-peer fields (the last record's, then the table's) never leak from
+    one record's line into another's, whichever field differs."""
     log = AccessLog(io.BytesIO())
-    for client_ip, host, label, port, method in [
-        ("10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
-        ("10.0.0.2", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
-        ("10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "POST"),
-        ("10.0.0.1", "bad host", None, None, "GET"),
-        ("10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+    for kind, client_ip, host, label, port, method in [
+        ("http", "10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+        ("http", "10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+        ("http", "10.0.0.2", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
+        ("http", "10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "POST"),
+        ("websocket", "10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "POST"),
+        ("http", "10.0.0.1", "3000-aaaaaa.box", "aaaaab", 3000, "POST"),
+        ("http", "10.0.0.1", "3000-aaaaaa.box", "aaaaab", 3001, "POST"),
+        ("http", "10.0.0.1", "bad host", None, None, "GET"),
+        ("http", "10.0.0.1", "bad host", "", None, "GET"),
+        ("http", "10.0.0.1", "3000-aaaaaa.box", "aaaaaa", 3000, "GET"),
     ]:
         record = RequestRecord(request_id="r", method=method, path="/")
         record.client_ip, record.host, record.label, record.port = client_ip, host, label, port
+        record.kind = kind
         record.finish()
         entry = json.loads(log.line(record))
-        fields = (entry["clientIp"], entry["host"], entry["sandbox"], entry["port"],
-                  entry["method"])  # fmt: skip
-        assert fields == (client_ip, host, label, port, method)
+        fields = (entry["kind"], entry["clientIp"], entry["host"], entry["sandbox"],
+                  entry["port"], entry["method"])  # fmt: skip
+        assert fields == (kind, client_ip, host, label, port, method)
+
+
+def test_the_outcome_and_code_are_each_records_own() -> None:
+    """A line that went well, and lines with another outcome or a code, each say theirs."""
+    log = AccessLog(io.BytesIO())
+    for outcome, code in [("ok", ""), ("aborted", "upstream_error"), ("ok", ""),
+                          ("client_gone", ""), ("gateway_error", "no_route")]:  # fmt: skip
+        record = RequestRecord(request_id="r")
+        record.outcome, record.code = outcome, code
+        record.finish()
+        entry = json.loads(log.line(record))
+        assert (entry["outcome"], entry["code"]) == (outcome, code or None)
 
 
 def test_the_cache_of_peer_fields_stays_bounded() -> None:
