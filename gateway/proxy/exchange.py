@@ -65,6 +65,7 @@ _WAITING: typing.Final = 2
 _STREAMING: typing.Final = 3
 _UPGRADED: typing.Final = 4
 _DONE: typing.Final = 5
+_REQUEST_ID: typing.Final = headers.REQUEST_ID.encode("ascii")
 # The name of an exchange's one Task (a lookup or a connect), for tests and debugging.
 TASK_NAME: typing.Final = "exchange-wait"
 
@@ -310,14 +311,17 @@ class Exchange(ResponseConsumer):
         self._chunked = not framed and not request.http10
         if not framed and request.http10:
             self._keep_alive = False
-        tail = [] if has_date else [b"Date: " + _http_date.now()]
-        tail.append(b"X-Request-Id: " + record.request_id.encode("ascii"))
-        if self._chunked:
-            tail.append(b"Transfer-Encoding: chunked")
-        if connection := _connection_line(self._keep_alive, request.http10):
-            tail.append(connection)
         status_line = _relayed_status_lines.line(response.status, response.reason_bytes)
-        self._out.append(_response_head(status_line, relayed.lines, tail))
+        # (Bytes formatting of bytes alone is one C call when compiled: no list of lines.)
+        self._out.append(
+            b"%b%b%bX-Request-Id: %b\r\n%b%b\r\n" % (
+                status_line, relayed.lines,
+                b"" if has_date else _http_date.line(),
+                record.request_id.encode("ascii"),
+                b"Transfer-Encoding: chunked\r\n" if self._chunked else b"",
+                _connection_line(self._keep_alive, request.http10),
+            )
+        )  # fmt: skip
         self._head_sent = True
         self._state = _STREAMING
         self._last_progress = now = self._loop.time()
@@ -329,9 +333,12 @@ class Exchange(ResponseConsumer):
         known = self._client.relayed
         raw, host = response.raw_headers, self._record.host
         if known is not None and known.raw == raw and known.host == host:
+            # The latest list, whose fields a connection's repeated answers share
+            # (upstream._KnownAnswer): the next comparison is mostly of identities.
+            known.raw = raw
             return known
         fields = headers.downstream_response_headers(response.headers, public_host=host)
-        known = self._client.relayed = RelayedFields(list(raw), host, fields)
+        known = self._client.relayed = RelayedFields(raw, host, fields)
         return known
 
     def response_body(self, data: bytes) -> None:
@@ -443,10 +450,11 @@ class Exchange(ResponseConsumer):
         request = self._request
         # The request id is the one line not in the block: ASCII by construction
         # (headers.is_valid_request_id), so it needs no header_lines.
-        block = plan.upstream_block + f"{headers.REQUEST_ID}: {plan.request_id}\r\n".encode()
+        request_id = plan.request_id.encode("ascii")
+        block = b"%b%b: %b\r\n" % (plan.upstream_block, _REQUEST_ID, request_id)
         if request.line and plan.path == request.path:
             # The client's line is the one the sandbox gets (byte for byte): no rebuild.
-            self._head = request.line + block + b"\r\n"
+            self._head = b"%b%b\r\n" % (request.line, block)
         else:
             self._head = request_head(request.method, plan.path, [], block=block)
         self._connect()
@@ -562,14 +570,15 @@ class Exchange(ResponseConsumer):
     def _answer(self, answer: Answer) -> None:
         """Send one of the gateway's own answers."""
         request = self._request
-        tail = [b"Content-Length: %d" % len(answer.body), b"Date: " + _http_date.now()]
-        if connection := _connection_line(self._keep_alive, request.http10):
-            tail.append(connection)
         body = b"" if request.method == "HEAD" else answer.body
         if self._client.transport is not None:
-            status_line = _status_line(answer.status, None)
-            head = _response_head(status_line, _field_lines(answer.headers), tail)
-            self._client.transport.write(head + body)
+            self._client.transport.write(
+                b"%b%bContent-Length: %d\r\n%b%b\r\n%b" % (
+                    _status_line(answer.status, None), _field_lines(answer.headers),
+                    len(answer.body), _http_date.line(),
+                    _connection_line(self._keep_alive, request.http10), body,
+                )
+            )  # fmt: skip
         self._done(self._keep_alive)
 
     def refuse(self, error: errors.EdgeError) -> None:
@@ -619,7 +628,10 @@ class Exchange(ResponseConsumer):
 
 
 class RelayedFields:
-    """A sandbox's response fields (``raw``, for ``host``) as relayed to the client."""
+    """A sandbox's response fields (``raw``, for ``host``) as relayed to the client.
+
+    ``raw`` is an answer's own list (``UpstreamResponse.raw_headers``: no one changes it
+    once the head is in)."""
 
     __slots__ = ("has_date", "has_length", "host", "lines", "raw")
 
@@ -630,12 +642,6 @@ class RelayedFields:
         names = {name.lower() for name, _ in fields}
         self.has_length = "content-length" in names
         self.has_date = "date" in names
-
-
-def _response_head(status_line: bytes, lines: bytes, tail: list[bytes]) -> bytes:
-    """A head from its status line, the header ``lines`` (``_field_lines``) and the
-    already encoded ``tail`` lines."""
-    return status_line + lines + b"\r\n".join(tail) + (b"\r\n\r\n" if tail else b"\r\n")
 
 
 def _status_line(status: int, reason: bytes | None) -> bytes:
@@ -682,11 +688,12 @@ def _field_lines(fields: HeaderPairs) -> bytes:
     return "".join([f"{name}: {value}\r\n" for name, value in fields]).encode("latin-1")
 
 
-def _connection_line(keep_alive: bool, http10: bool) -> bytes | None:
-    """What ``Connection`` must say, as aiohttp says it: nothing for HTTP/1.1 keep-alive."""
+def _connection_line(keep_alive: bool, http10: bool) -> bytes:
+    """The ``Connection`` line with its CRLF, as aiohttp says it: none (b"") for
+    HTTP/1.1 keep-alive."""
     if not keep_alive:
-        return b"Connection: close"
-    return b"Connection: keep-alive" if http10 else None
+        return b"Connection: close\r\n"
+    return b"Connection: keep-alive\r\n" if http10 else b""
 
 
 def _reason(status: int) -> bytes:
@@ -697,19 +704,19 @@ def _reason(status: int) -> bytes:
 
 
 class _DateHeader:
-    """The Date header value, formatted once a second (RFC 9110 section 5.6.7)."""
+    """The Date header line, formatted once a second (RFC 9110 section 5.6.7)."""
 
     def __init__(self) -> None:
         self._second = 0
-        self._value = b""
+        self._line = b""
 
-    def now(self) -> bytes:
-        """(A method, not ``__call__``: compiled, calling an instance is a generic call.)"""
+    def line(self) -> bytes:
+        """``Date: {now}`` and CRLF."""
         now = int(_wall_clock())
         if now != self._second:
             self._second = now
-            self._value = email.utils.formatdate(now, usegmt=True).encode("ascii")
-        return self._value
+            self._line = b"Date: %b\r\n" % email.utils.formatdate(now, usegmt=True).encode()
+        return self._line
 
 
 _http_date: typing.Final = _DateHeader()

@@ -47,6 +47,8 @@ HIGH_WATER_BYTES: typing.Final = 256 * 1024
 # reason to buffer without end (the listener allows 16 KiB per request field).
 MAX_RESPONSE_HEAD_BYTES: typing.Final = 256 * 1024
 LOW_WATER_BYTES: typing.Final = 64 * 1024
+# A bound on the distinct answer heads the pool knows (UpstreamPool._known_answer).
+MAX_KNOWN_HEADS: typing.Final = 1024
 # Request body bytes the sandbox socket's buffer may hold before the client is paused:
 # above one read of the client (256 KiB), so an upload is not paused on every read.
 WRITE_HIGH_WATER_BYTES: typing.Final = 512 * 1024
@@ -112,16 +114,17 @@ class _HeadTooLarge(Exception):
 
 
 class _KnownAnswer:
-    """A whole response a connection's parser read from one read (``head``, then a
-    ``Content-Length`` body), with what llhttp found in its head. llhttp parses the same
-    bytes at the start of a message the same way, so a later read of the same length
-    that starts with ``head`` is the same head with a body of that length."""
+    """An answer's ``head`` that a parser read whole, with its ``Content-Length`` body,
+    from one read, and what llhttp found in it. llhttp parses the same bytes at the
+    start of a message the same way, so a later read of the same size that starts with
+    ``head`` is the same head with a body of that length. Shared by the pool's
+    connections (``UpstreamPool._known_answer``)."""
 
     __slots__ = ("head", "keep_alive", "raw", "reason", "size", "status")
 
-    def __init__(self, head: bytes, size: int, response: UpstreamResponse) -> None:
+    def __init__(self, head: bytes, response: UpstreamResponse) -> None:
         self.head = head
-        self.size = size  # the head and its body
+        self.size = len(head) + response.body_received  # the head and its body
         self.status = response.status
         self.reason = response._reason
         self.raw = tuple(response._raw_headers)
@@ -246,7 +249,7 @@ class _Connection(asyncio.Protocol):
             status, reason, b"".join([b"%b: %b\r\n" % field for field in raw])
         )  # fmt: skip
         if len(data) == len(head) + length and data.startswith(head):
-            self._known = _KnownAnswer(head, len(data), response)
+            self._known = response._pool._known_answer(head, response)
 
     def _pass_body(self, response: UpstreamResponse, data: bytes) -> None:
         """The rest of a Content-Length body, pushed without the parser: after the first
@@ -641,6 +644,7 @@ class UpstreamPool:
         self._sweeper: asyncio.Task[None] | None = None
         self._sweeping = False  # the sweeper runs
         self.known_answers = 0  # answers taken as a connection's _KnownAnswer
+        self._known_heads: dict[bytes, _KnownAnswer] = {}
 
     async def request(
         self,
@@ -850,6 +854,17 @@ class UpstreamPool:
             # Refused with time left: the sandbox's server may be starting. (Awaited
             # outside the handler: see gateway/compiled.py.)
             await asyncio.sleep(_CONNECT_RETRY_STEP_SECONDS)
+
+    def _known_answer(self, head: bytes, response: UpstreamResponse) -> _KnownAnswer:
+        """The one ``_KnownAnswer`` of ``head`` (``response``'s): connections that repeat
+        an answer share its fields' objects, so comparing two answers' fields (as the
+        front does, exchange.RelayedFields) is mostly comparing identities."""
+        known = self._known_heads.get(head)
+        if known is None:
+            if len(self._known_heads) >= MAX_KNOWN_HEADS:
+                self._known_heads.clear()
+            known = self._known_heads[head] = _KnownAnswer(head, response)
+        return known
 
     def _take_idle(self, target: Upstream) -> _Connection | None:
         by_port = self._idle.get(target.incarnation)
