@@ -236,17 +236,20 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
         exchange = self._exchange
         if exchange is not None and exchange.wants_body:
             data = exchange.request_body(data)
-        if not self._buffer and not self.busy:
-            end = data.find(b"\r\n\r\n")
-            if end >= 0 and end + 4 == len(data):
-                # The common read: one whole head and nothing more, served from ``data``
-                # itself (the buffer would cost an append, a copy and a clear).
-                request = self._request_of(data)
+        if not self._buffer and not self.busy and data.endswith(b"\r\n\r\n"):
+            # The common read: one whole head and nothing more, served from ``data``
+            # itself (the buffer would cost an append, a copy and a clear). A known one
+            # needs no search for its end (bytes.find is a generic call, with its
+            # arguments parsed from a tuple).
+            request = self._known_request(data)
+            if request is None and data.find(b"\r\n\r\n") + 4 == len(data):
+                request = self._new_request(data)
                 if request is None:
                     self._buffer += data
                     self._hand_over()
-                else:
-                    self._begin(request).start()
+                    return
+            if request is not None:
+                self._begin(request).start()
                 return
         self._buffer += data
         if self.busy:
@@ -401,7 +404,33 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
         return exchange
 
     def _request_of(self, head: bytes) -> Request | None:
-        """The request in ``head`` if the front serves it, else None (aiohttp's)."""
+        """The request in ``head`` (one whole head) if the front serves it, else None
+        (aiohttp's)."""
+        return self._known_request(head) or self._new_request(head)
+
+    def _known_request(self, head: bytes) -> Request | None:
+        """The request in ``head`` (one whole head) when its header block is the last
+        one served, which was complete with no body and no upgrade, and its line is
+        plain (``_plain_line``): then llhttp has nothing to add. Else None."""
+        known = self._known
+        if known is None or not known.plain or len(head) > MAX_HEAD_BYTES:
+            return None
+        if not head.endswith(known.block):
+            return None
+        # A plain line holds one CRLF, at its end: so the block starts where it ends.
+        line = head[: len(head) - len(known.block)]
+        taken = _plain_line(line)
+        if taken is None:
+            return None
+        return Request(
+            taken[0], taken[1], known.facts, body_length=0,
+            keep_alive=known.head.keep_alive(False) and not self._eof
+            and not self._front.handler.draining,
+            http10=False, line=line,
+        )  # fmt: skip
+
+    def _new_request(self, head: bytes) -> Request | None:
+        """``_request_of`` for a head ``_known_request`` did not take: parsed by llhttp."""
         if len(head) > MAX_HEAD_BYTES:
             return None
         # The header block (everything after the request line): when it is the one the
@@ -417,16 +446,6 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
         if _has_bare_cr_or_lf(head) if known is None else head[0] in (0x0D, 0x0A):
             return None
         handler = self._front.handler
-        if known is not None and known.plain:
-            request_line = head[:line_end]
-            taken = _plain_line(request_line)
-            if taken is not None:
-                return Request(
-                    taken[0], taken[1], known.facts, body_length=0,
-                    keep_alive=known.head.keep_alive(False) and not self._eof
-                    and not handler.draining,
-                    http10=False, line=request_line,
-                )  # fmt: skip
         line: _Head | _RequestLine
         if known is not None:
             parsed, line = known.head, self._line

@@ -42,6 +42,22 @@ async def test_pipelined_requests_are_answered_in_order_one_each(
     assert gateway.running.front.handed_over == 0
 
 
+async def test_pipelined_requests_with_a_known_block_are_answered_one_each(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """After a request, three more with its header block in one write (one read that
+    ends like a single known head): three answers in order."""
+    wire = b"".join(request_bytes("GET", f"/p{i}", [("Host", host)]) for i in range(4))
+    first = len(request_bytes("GET", "/p0", [("Host", host)]))
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(wire[:first])
+        assert _echoed(await conn.read_response())["path_qs"] == "/p0"
+        await conn.send(wire[first:])
+        paths = [_echoed(await conn.read_response())["path_qs"] for _ in range(3)]
+    assert paths == ["/p1", "/p2", "/p3"]
+    assert gateway.running.front.handed_over == 0
+
+
 async def test_a_request_with_a_cached_route_and_a_pooled_connection_makes_no_task(
     gateway: GatewayHandle, host: str
 ) -> None:
