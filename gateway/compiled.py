@@ -27,6 +27,13 @@ where it bit):
   per request is a plain class with its own ``__init__``.
 - A format spec in an f-string (``f"{n:03d}"``) is a generic format call, several times
   slower than a table lookup or ``str()`` (``accesslog._THREE_DIGITS``).
+- Bytes formatting of bytes and ints only (``b"%b: %d" % (name, n)``) is one C call that
+  copies the parts (``exchange.Exchange.response_head``); an f-string of the same parts
+  builds a str to encode. Check the generated C for ``CPyBytes_Build``: any other operand
+  makes it a generic ``%``.
+- On bytes, ``startswith``, ``endswith``, ``translate``, slicing and indexing are C calls;
+  ``find``, ``isascii`` and ``isprintable`` are generic method calls, and ``find`` parses
+  its arguments from a tuple on Python 3.11 (``front._plain_line``).
 - A module-level name the request path reads is ``Final`` (``exchange._DONE``,
   ``front.MAX_HEAD_BYTES``): otherwise every use is a lookup in the module's dict, and a
   function from another module (``time.monotonic``) an attribute lookup per call.
