@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from gateway import compiled, embedded, errors
 from gateway.accesslog import AccessLog
@@ -40,6 +40,27 @@ from gateway.routing.model import Sandbox
 from gateway.routing.watcher import InvalidationWatcher, reraise_swallowed_cancel
 
 log = logging.getLogger("gateway.server")
+
+
+class _RefusedHeadsAsInfo(logging.Filter):
+    """aiohttp logs every request its parser refuses (a client's malformed, oversized or
+    over-long head, answered 400) at ERROR with a traceback. On a public listener those
+    are the clients' errors, and any client could flood the log with them: such records
+    go out at INFO, one line each, with the parser's reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, http_exceptions.HttpProcessingError):
+            record.msg = f"{record.getMessage()}: refused ({error.message!r})"
+            record.args = ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# The public listener's aiohttp server logs here (``_RefusedHeadsAsInfo``).
+edge_log = logging.getLogger("gateway.edge")
+edge_log.addFilter(_RefusedHeadsAsInfo())
 
 # How often serve checks that the table settings are still in Redis (it rewrites them
 # after Redis lost its data, e.g. a restart without persistence).
@@ -196,6 +217,7 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
         max_headers=MAX_REQUEST_HEADERS,
         keepalive_timeout=config.server.keepalive_idle_seconds,
         access_log=None,
+        logger=edge_log,
     )
     front = Front(
         handler, edge, keepalive_idle_seconds=config.server.keepalive_idle_seconds,

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 import websockets
@@ -164,6 +166,27 @@ async def test_a_bare_lf_head_is_never_served_by_the_front(
         response = await conn.read_response()
     assert response.status == 400
     assert gateway.running.front.handed_over == 1
+
+
+async def test_a_head_aiohttp_refuses_is_logged_at_info_in_one_line(
+    gateway: GatewayHandle, host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's head the parser refuses (bare LF, too many fields, a NUL in a value) is
+    answered 400 and logged once at INFO with the reason, never at ERROR with a
+    traceback (any client could flood the log with those)."""
+    many = "".join(f"X-H{i}: {i}\r\n" for i in range(200))
+    heads = [f"GET / HTTP/1.1\nHost: {host}\n\n", f"GET / HTTP/1.1\r\nHost: {host}\r\n{many}\r\n",
+             f"GET / HTTP/1.1\r\nHost: {host}\r\nX: a\x00b\r\n\r\n"]  # fmt: skip
+    caplog.set_level(logging.INFO)
+    for head in heads:
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(head.encode())
+            assert (await conn.read_response()).status == 400, head[:40]
+    refused = [r for r in caplog.records if r.name == "gateway.edge"]
+    assert len(refused) == len(heads)
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in refused)
+    assert all("refused" in r.getMessage() and "\n" not in r.getMessage() for r in refused)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_cr_or_lf_in_the_request_line_of_a_known_block_is_never_served(
