@@ -152,10 +152,9 @@ class _Connection(asyncio.Protocol):
         # Content-Length announces).
         self._parser: httptools.HttpResponseParser | None = None
         self._parser_spent = True
-        # A pushed response's Content-Length, from its head until the read that brought
-        # the head is parsed; then the body bytes still to come past the parser.
         # The head of a consumer's response ended in the current read (see data_received).
         self._head_just_parsed = False
+        # A pushed response's Content-Length body bytes still to come, past the parser.
         self._body_left = 0
         self._known: _KnownAnswer | None = None
         # The last parsed final head (status, reason, fields): a head seen twice in a
