@@ -194,7 +194,10 @@ async def run(args: argparse.Namespace) -> int:
     try:
         stack = await start_stack(group, layout)
         document["machine"] = await machine.describe(
-            group, nginx_version=stack.nginx.version, layout=layout.describe()
+            group,
+            nginx_version=stack.nginx.version,
+            haproxy_version=stack.haproxy.version,
+            layout=layout.describe(),
         )
         print(f"# Gateway benchmark ({plan.name})\n\nmachine: {document['machine'].one_line()}\n")
         ok = await run_phases(stack, phases, plan, document)

@@ -151,7 +151,7 @@ async def measure(stack: Stack, target: Target, direction: str, size: int, rnd: 
 
 async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
     """Floating first (the headline), then pinned (see ``bench.stack``); rows per variant."""
-    targets = stack.targets()
+    targets = stack.bulk_targets()
     result = BulkResult(plan.bulk_bytes)
     for target in targets:  # warm-up: a small transfer each way
         for direction in ("download", "upload"):
@@ -207,6 +207,8 @@ def bulk_table(result: BulkResult, plan: Plan) -> Table:
         "reads/writes (target: gateway >= 0.8x direct both ways). Rows without a suffix: "
         "every process floating on every CPU (the headline); (pinned): client + upstream on "
         "CPU 0, proxy on CPU 1, each ratio against direct pinned the same way.",
+        "haproxy-splice: HAProxy in TCP mode with kernel splice (option splice-auto, one "
+        "thread), no HTTP: the least CPU per byte a proxy in a third process spends here.",
         f"gateway RSS: {num(before / 1024, 1)} MiB before a transfer, at most "
         f"+{num(result.gateway_rss_growth_kib / 1024, 1)} MiB during one (sampled every "
         "10 ms, and VmHWM after clear_refs).",

@@ -26,6 +26,7 @@ class Machine:
     httptools: str
     redis_py: str
     nginx: str
+    haproxy: str
     wrk: str
     redis_server: str
     load_average: str  # at the start of the run: other work on a shared machine shows here
@@ -36,7 +37,8 @@ class Machine:
         return (
             f"{self.cpu_model}, {self.cores} cores, {self.memory_gib:.0f} GiB, Linux "
             f"{self.kernel}; Python {self.python}, aiohttp {self.aiohttp}, uvloop "
-            f"{self.uvloop}, nginx {self.nginx}, wrk {self.wrk}, Redis {self.redis_server}; "
+            f"{self.uvloop}, nginx {self.nginx}, HAProxy {self.haproxy}, wrk {self.wrk}, "
+            f"Redis {self.redis_server}; "
             f"gateway {self.gateway_revision}; {self.layout}; load average at start "
             f"{self.load_average}"
         )
@@ -68,7 +70,9 @@ def _version(package: str) -> str:
         return "missing"
 
 
-async def describe(group: procs.ProcessGroup, *, nginx_version: str, layout: str) -> Machine:
+async def describe(
+    group: procs.ProcessGroup, *, nginx_version: str, haproxy_version: str, layout: str
+) -> Machine:
     wrk = await group.run("wrk-version", ["wrk", "-v"], time_limit=10)
     wrk_match = re.search(r"wrk (\S+)", wrk.stdout + wrk.stderr)
     redis = await group.run("redis-version", [redis_binary(), "--version"], time_limit=10)
@@ -95,6 +99,7 @@ async def describe(group: procs.ProcessGroup, *, nginx_version: str, layout: str
         httptools=_version("httptools"),
         redis_py=_version("redis"),
         nginx=nginx_version,
+        haproxy=haproxy_version,
         wrk=wrk_match.group(1) if wrk_match else "unknown",
         redis_server=redis_match.group(1) if redis_match else "unknown",
         load_average=load_average(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,15 +25,6 @@ class Nginx:
     port: int
     workers: tuple[int, ...]
     version: str
-
-
-def binary() -> str:
-    found = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if found is None:
-        raise RuntimeError("nginx is not installed (Debian: apt-get install nginx-light)")
-    return found
 
 
 def config_text(*, prefix: Path, listen: tuple[str, int], upstream: tuple[str, int]) -> str:
@@ -90,7 +80,7 @@ async def start(group: procs.ProcessGroup, *, upstream: tuple[str, int], cpus: s
     port = procs.free_port("127.0.0.1")
     conf = prefix / "nginx.conf"
     conf.write_text(config_text(prefix=prefix, listen=("127.0.0.1", port), upstream=upstream))
-    exe = binary()
+    exe = procs.system_binary("nginx", package="nginx-light")
     version = await group.run("nginx-version", [exe, "-v"], time_limit=10)
     proc = group.start(
         "nginx",

@@ -233,6 +233,17 @@ async def wait_listening(host: str, port: int, *, proc: Proc, time_limit: float 
     raise RuntimeError(f"{proc.name} is not listening on {host}:{port}: {proc.stderr_tail()}")
 
 
+def system_binary(name: str, *, package: str) -> str:
+    """The path of Debian's ``name`` (on PATH, or in /usr/sbin, which a user's PATH may
+    lack); an error naming ``package`` if it is not installed."""
+    found = shutil.which(name) or (
+        f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None
+    )
+    if found is None:
+        raise RuntimeError(f"{name} is not installed (Debian: apt-get install {package})")
+    return found
+
+
 def free_port(host: str) -> int:
     """A TCP port that was free on ``host`` a moment ago (for servers that need one given)."""
     with socket.socket() as sock:

@@ -1,5 +1,8 @@
 """The system under test, started on loopback: Redis, the upstream, nginx, the gateway.
 
+The relay (``bench.relay``) and HAProxy (``bench.haproxy``, for the bulk phase) run
+beside them as references.
+
 Layout (``Layout``): on a machine with 2+ CPUs, while the stack is *pinned* the load
 generators (wrk, the bench's own clients), the upstream and Redis share CPU 0 and the
 proxy under test (the nginx worker or the gateway) gets CPU 1 to itself, the same for
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import nginx, procs
+from bench import haproxy, nginx, procs
 
 REPO = Path(__file__).resolve().parent.parent
 UPSTREAM_HOST = "127.0.0.2"
@@ -92,6 +95,7 @@ class Stack:
     gateway: Gateway
     relay: procs.Proc  # bench/relay.py: the floor of a proxy in this runtime
     relay_port: int
+    haproxy: haproxy.HAProxy  # the zero-copy reference of the bulk phase
     pinned: bool = True
 
     def cpus(self, role: str | None) -> str | None:
@@ -112,7 +116,8 @@ class Stack:
         procs.set_affinity(os.getpid(), cpus(layout.load))
         procs.set_affinity(self.redis.pid, cpus(layout.load))
         procs.set_affinity(self.upstream.pid, cpus(layout.upstream))
-        for pid in (self.nginx.proc.pid, *self.nginx.workers, self.gateway.pid, self.relay.pid):
+        proxies = (self.nginx.proc.pid, *self.nginx.workers, self.gateway.pid, self.relay.pid)
+        for pid in (*proxies, self.haproxy.proc.pid):
             procs.set_affinity(pid, cpus(layout.proxy))
         self.pinned = pinned
 
@@ -135,6 +140,12 @@ class Stack:
                    (self.gateway.pid,)),
             Target("relay", "127.0.0.1", self.relay_port, self.host_header, (self.relay.pid,)),
         ]  # fmt: skip
+
+    def bulk_targets(self) -> list[Target]:
+        """``targets()`` and HAProxy splicing in TCP mode (see ``bench.haproxy``)."""
+        spliced = Target("haproxy-splice", "127.0.0.1", self.haproxy.port, self.host_header,
+                         (self.haproxy.proc.pid,))  # fmt: skip
+        return [*self.targets(), spliced]
 
     def gateway_target(self, gateway: Gateway) -> Target:
         return Target("gateway", "127.0.0.1", gateway.port, self.host_header, (gateway.pid,))
@@ -254,11 +265,12 @@ async def start_stack(group: procs.ProcessGroup, layout: Layout) -> Stack:
     proxy = await nginx.start(group, upstream=(UPSTREAM_HOST, upstream_port), cpus=layout.proxy)
     gateway = await start_gateway(group, redis_url, layout.proxy)
     relay, relay_port = await start_relay(group, upstream_port, layout)
+    spliced = await haproxy.start(group, upstream=(UPSTREAM_HOST, upstream_port), cpus=layout.proxy)
     await gateway_cli(group, redis_url, "sandbox", "create", SANDBOX_ID, "--address", UPSTREAM_HOST)
     await gateway_cli(group, redis_url, "ports", "expose", SANDBOX_ID, str(upstream_port))
     return Stack(
         group, layout, redis_url, redis_proc, upstream, upstream_port, proxy, gateway, relay,
-        relay_port,
+        relay_port, spliced,
     )  # fmt: skip
 
 
