@@ -161,9 +161,7 @@ def _open_sentinel(url: str, *, ssl: bool, timeout_seconds: float, socket_timeou
     kwargs: dict[str, Any] = {
         "socket_timeout": timeout_seconds, "socket_connect_timeout": timeout_seconds,
     }  # fmt: skip
-    manager = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
-        seeds, sentinel_kwargs=dict(kwargs)
-    )
+    manager = redis.asyncio.sentinel.Sentinel(seeds, sentinel_kwargs=dict(kwargs))
     kwargs["socket_timeout"] = socket_timeout
     if ssl:
         kwargs["ssl"] = True

@@ -128,7 +128,7 @@ class InvalidationWatcher:
             try:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1.0):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()
             finally:
                 # Our own pool on that node: close it whatever happened above.
                 if node_client is not None:

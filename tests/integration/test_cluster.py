@@ -128,6 +128,6 @@ async def test_invalidation_reaches_a_subscriber_on_another_node(
             if seen[-1] == expected:
                 break
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
         await subscriber.aclose()
     assert expected in seen

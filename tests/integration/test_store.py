@@ -71,7 +71,7 @@ async def unchanged(client: aioredis.Redis) -> AsyncIterator[None]:
                 published.append(message["data"])
         assert not published, f"invalidations were published: {published}"
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -749,7 +749,7 @@ async def test_every_write_publishes_label_and_gen(
             assert message is not None
             seen.append(message["data"])
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
     parsed = [schema.parse_invalidation(data) for data in seen]
     assert parsed == [("abc123", gen) for gen in written] == [("abc123", g) for g in (1, 2, 3)]
     for data in seen:
@@ -796,7 +796,7 @@ async def test_script_writes_bumps_publishes_and_expires(redis: aioredis.Redis) 
             for _ in range(3)
         ]
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
     texts = [str(m) for m in messages]
     assert [schema.parse_invalidation(m) for m in texts] == [("abc123", g) for g in (1, 2, 3)]
     assert all(schema.invalidation_time_ms(m) is not None for m in texts)
