@@ -6,6 +6,10 @@ counts and discards it and answers the count, which is checked). The client is a
 blocking socket in a worker thread (1 MiB reads and writes, so it is far faster than
 what it measures); time runs from the first byte sent to the last byte received.
 
+Each proxy's CPU per GiB moved is its threads' run time over the transfer (schedstat,
+so short transfers are measured to the nanosecond): the steadier number where a
+floating throughput moves with the machine, as CPU per request is for small responses.
+
 While a transfer runs through the gateway, the gateway's VmRSS is sampled every 10 ms;
 the result keeps the RSS before and the peak during (and VmHWM after resetting it with
 ``clear_refs``, where the kernel allows), so "memory flat" can be checked.
@@ -106,6 +110,7 @@ class Transfer:
     round: int
     seconds: float
     mib_per_s: float
+    proxy_cpu_seconds: float | None = None  # None: direct
     gateway_rss_before_kib: int | None = None
     gateway_rss_peak_kib: int | None = None
     gateway_hwm_kib: int | None = None
@@ -117,6 +122,7 @@ class BulkResult:
     transfers: list[Transfer] = field(default_factory=list)
     mib_per_s: dict[str, dict[str, float]] = field(default_factory=dict)  # direction->target
     vs_direct: dict[str, dict[str, float]] = field(default_factory=dict)
+    cpu_s_per_gib: dict[str, dict[str, float | None]] = field(default_factory=dict)
     gateway_rss_growth_kib: int = 0  # worst peak - before, over all gateway transfers
 
 
@@ -131,22 +137,32 @@ async def _sample_peak(pid: int, stop: asyncio.Event) -> int:
 
 
 async def measure(stack: Stack, target: Target, direction: str, size: int, rnd: int) -> Transfer:
-    transfer = download if direction == "download" else upload
     gateway = stack.gateway.pid if target.name == "gateway" else None  # RSS sampled
     if gateway is None:
-        seconds = await asyncio.to_thread(transfer, target, size)
-        return Transfer(target.name, direction, rnd, seconds, size / MIB / seconds)
+        seconds, cpu = await _timed(target, direction, size)
+        return Transfer(target.name, direction, rnd, seconds, size / MIB / seconds, cpu)
     before = procs.rss_kib(gateway)
     hwm_reset = procs.reset_peak_rss(gateway)
     stop = asyncio.Event()
     sampler = asyncio.ensure_future(_sample_peak(gateway, stop))
     try:
-        seconds = await asyncio.to_thread(transfer, target, size)
+        seconds, cpu = await _timed(target, direction, size)
     finally:
         stop.set()
         peak = await sampler
     hwm = procs.status_kib(gateway, "VmHWM") if hwm_reset else None
-    return Transfer(target.name, direction, rnd, seconds, size / MIB / seconds, before, peak, hwm)
+    return Transfer(
+        target.name, direction, rnd, seconds, size / MIB / seconds, cpu, before, peak, hwm
+    )
+
+
+async def _timed(target: Target, direction: str, size: int) -> tuple[float, float | None]:
+    """The transfer's seconds, and the CPU seconds its proxy spent (None: direct)."""
+    transfer = download if direction == "download" else upload
+    cpu_before = procs.run_seconds_of(target.proxy_pids)
+    seconds = await asyncio.to_thread(transfer, target, size)
+    cpu = procs.run_seconds_of(target.proxy_pids) - cpu_before
+    return seconds, cpu if target.proxy_pids else None
 
 
 async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
@@ -180,6 +196,9 @@ async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
         }
         result.mib_per_s[direction] = speeds
         result.vs_direct[direction] = {row: stats.ratio(speeds[row], speeds[d]) for row, d in rows}
+        result.cpu_s_per_gib[direction] = {
+            row: _median_cpu_per_gib(result, row, direction) for row, _ in rows
+        }
     growth = [
         max(x.gateway_rss_peak_kib or 0, x.gateway_hwm_kib or 0) - (x.gateway_rss_before_kib or 0)
         for x in result.transfers
@@ -189,17 +208,30 @@ async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
     return result
 
 
+def _median_cpu_per_gib(result: BulkResult, row: str, direction: str) -> float | None:
+    cpu = [
+        x.proxy_cpu_seconds
+        for x in result.transfers
+        if (x.target, x.direction) == (row, direction) and x.proxy_cpu_seconds is not None
+    ]
+    return stats.median(cpu) * (1024 * MIB) / result.bytes if cpu else None
+
+
 def bulk_table(result: BulkResult, plan: Plan) -> Table:
     table = Table(
         f"3. Bulk streaming, {result.bytes // MIB} MiB per transfer",
-        ["target", "download MiB/s", "vs direct", "upload MiB/s", "vs direct"],
-    )
+        ["target", "download MiB/s", "vs direct", "CPU s/GiB",
+         "upload MiB/s", "vs direct", "CPU s/GiB"],
+    )  # fmt: skip
     for name in result.mib_per_s["download"]:
-        table.rows.append([
-            name,
-            num(result.mib_per_s["download"][name], 0), times(result.vs_direct["download"][name]),
-            num(result.mib_per_s["upload"][name], 0), times(result.vs_direct["upload"][name]),
-        ])  # fmt: skip
+        row = [name]
+        for direction in ("download", "upload"):
+            row += [
+                num(result.mib_per_s[direction][name], 0),
+                times(result.vs_direct[direction][name]),
+                num(result.cpu_s_per_gib[direction][name], 3),
+            ]
+        table.rows.append(row)
     rss = [x for x in result.transfers if x.gateway_rss_before_kib is not None]
     before = max((x.gateway_rss_before_kib or 0) for x in rss) if rss else 0
     table.notes += [
@@ -209,6 +241,8 @@ def bulk_table(result: BulkResult, plan: Plan) -> Table:
         "CPU 0, proxy on CPU 1, each ratio against direct pinned the same way.",
         "haproxy-splice: HAProxy in TCP mode with kernel splice (option splice-auto, one "
         "thread), no HTTP: the least CPU per byte a proxy in a third process spends here.",
+        "CPU s/GiB: the proxy's CPU seconds per GiB moved (its threads' run time over each "
+        "transfer, median), whatever the machine let the transfer reach.",
         f"gateway RSS: {num(before / 1024, 1)} MiB before a transfer, at most "
         f"+{num(result.gateway_rss_growth_kib / 1024, 1)} MiB during one (sampled every "
         "10 ms, and VmHWM after clear_refs).",

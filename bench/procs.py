@@ -279,6 +279,18 @@ def cpu_seconds_of(pids: Sequence[int]) -> float:
     return sum(cpu_seconds(pid) for pid in pids)
 
 
+def run_seconds_of(pids: Sequence[int]) -> float:
+    """Time the processes' live threads have spent on a CPU, to the nanosecond
+    (``/proc/PID/task/TID/schedstat``): for runs too short for ``cpu_seconds``' clock
+    ticks (10 ms)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def cpu_seconds_with_children(pid: int) -> float:
     """Like ``cpu_seconds``, plus the CPU of its children that it has reaped."""
     fields = _stat_fields(pid)
