@@ -176,7 +176,7 @@ async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
     for suffix, pinned in stack.variants():
         stack.set_pinned(pinned)
         rows += [(t.name + suffix, "direct" + suffix) for t in targets]
-        for rnd in range(plan.rounds):
+        for rnd in range(plan.bulk_rounds):
             for target in rotated(targets, rnd):
                 for direction in ("download", "upload"):
                     transfer = await measure(stack, target, direction, plan.bulk_bytes, rnd)
@@ -217,6 +217,22 @@ def _median_cpu_per_gib(result: BulkResult, row: str, direction: str) -> float |
     return stats.median(cpu) * (1024 * MIB) / result.bytes if cpu else None
 
 
+def _direct_spread(result: BulkResult) -> str:
+    """``download 1,402-4,185, pinned 1,999-3,438; upload ...``: how far the baseline
+    itself moves between rounds, which every ratio in the table divides by."""
+    parts = []
+    for direction in ("download", "upload"):
+        spans = []
+        for row in [name for name in result.mib_per_s[direction] if name.startswith("direct")]:
+            speeds = [
+                x.mib_per_s for x in result.transfers if (x.target, x.direction) == (row, direction)
+            ]
+            label = "" if row == "direct" else "pinned "
+            spans.append(f"{label}{num(min(speeds), 0)}-{num(max(speeds), 0)}")
+        parts.append(f"{direction} {', '.join(spans)}")
+    return "; ".join(parts)
+
+
 def bulk_table(result: BulkResult, plan: Plan) -> Table:
     table = Table(
         f"3. Bulk streaming, {result.bytes // MIB} MiB per transfer",
@@ -235,7 +251,7 @@ def bulk_table(result: BulkResult, plan: Plan) -> Table:
     rss = [x for x in result.transfers if x.gateway_rss_before_kib is not None]
     before = max((x.gateway_rss_before_kib or 0) for x in rss) if rss else 0
     table.notes += [
-        f"{plan.rounds} round(s) alternating, median; one connection, blocking 1 MiB socket "
+        f"{plan.bulk_rounds} round(s) alternating, median; one connection, blocking 1 MiB socket "
         "reads/writes (target: gateway >= 0.8x direct both ways). Rows without a suffix: "
         "every process floating on every CPU (the headline); (pinned): client + upstream on "
         "CPU 0, proxy on CPU 1, each ratio against direct pinned the same way.",
@@ -243,6 +259,7 @@ def bulk_table(result: BulkResult, plan: Plan) -> Table:
         "thread), no HTTP: the least CPU per byte a proxy in a third process spends here.",
         "CPU s/GiB: the proxy's CPU seconds per GiB moved (its threads' run time over each "
         "transfer, median), whatever the machine let the transfer reach.",
+        f"direct's own spread, slowest-fastest transfer, MiB/s: {_direct_spread(result)}.",
         f"gateway RSS: {num(before / 1024, 1)} MiB before a transfer, at most "
         f"+{num(result.gateway_rss_growth_kib / 1024, 1)} MiB during one (sampled every "
         "10 ms, and VmHWM after clear_refs).",

@@ -26,6 +26,9 @@ class Plan:
     latency_connections: int
     # 3. bulk streaming
     bulk_bytes: int
+    # More rounds than the rest: a floating direct transfer moves by up to 3x from one to
+    # the next (where the scheduler puts client and upstream), and a transfer is short.
+    bulk_rounds: int
     # 4. WebSocket relay
     ws_message_bytes: int
     ws_window: int
@@ -56,6 +59,7 @@ FULL = Plan(
     latency_seconds=5.0,
     latency_connections=32,
     bulk_bytes=256 * MIB,
+    bulk_rounds=7,
     ws_message_bytes=64,
     ws_window=64,
     ws_seconds=3.0,
@@ -81,6 +85,7 @@ QUICK = Plan(
     latency_seconds=2.0,
     latency_connections=32,
     bulk_bytes=32 * MIB,
+    bulk_rounds=1,
     ws_message_bytes=64,
     ws_window=64,
     ws_seconds=1.0,
