@@ -424,10 +424,14 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
             return None
         return Request(
             taken[0], taken[1], known.facts, body_length=0,
-            keep_alive=known.head.keep_alive(False) and not self._eof
-            and not self._front.handler.draining,
+            keep_alive=self._may_keep_alive(known.head, http10=False),
             http10=False, line=line,
         )  # fmt: skip
+
+    def _may_keep_alive(self, parsed: _Head, *, http10: bool) -> bool:
+        """Whether the connection may serve a request after this one: the head allows
+        it, the client has not half-closed, and the gateway is not draining."""
+        return parsed.keep_alive(http10) and not self._eof and not self._front.handler.draining
 
     def _new_request(self, head: bytes) -> Request | None:
         """``_request_of`` for a head ``_known_request`` did not take: parsed by llhttp."""
@@ -498,7 +502,7 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
             url.decode("utf-8", "surrogateescape"),
             known.facts,
             body_length=parsed.length,
-            keep_alive=parsed.keep_alive(http10) and not self._eof and not handler.draining,
+            keep_alive=self._may_keep_alive(parsed, http10=http10),
             http10=http10,
             line=head[:line_end] if canonical else b"",
         )
