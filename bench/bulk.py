@@ -185,13 +185,7 @@ async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
     stack.set_pinned(False)
     for direction in ("download", "upload"):
         speeds = {
-            row: stats.median(
-                [
-                    x.mib_per_s
-                    for x in result.transfers
-                    if (x.target, x.direction) == (row, direction)
-                ]
-            )
+            row: stats.median([x.mib_per_s for x in _transfers_of(result, row, direction)])
             for row, _ in rows
         }
         result.mib_per_s[direction] = speeds
@@ -208,11 +202,16 @@ async def run_bulk(stack: Stack, plan: Plan) -> BulkResult:
     return result
 
 
+def _transfers_of(result: BulkResult, row: str, direction: str) -> list[Transfer]:
+    """The transfers of one table row (target and variant) in one direction."""
+    return [x for x in result.transfers if (x.target, x.direction) == (row, direction)]
+
+
 def _median_cpu_per_gib(result: BulkResult, row: str, direction: str) -> float | None:
     cpu = [
         x.proxy_cpu_seconds
-        for x in result.transfers
-        if (x.target, x.direction) == (row, direction) and x.proxy_cpu_seconds is not None
+        for x in _transfers_of(result, row, direction)
+        if x.proxy_cpu_seconds is not None
     ]
     return stats.median(cpu) * (1024 * MIB) / result.bytes if cpu else None
 
@@ -224,9 +223,7 @@ def _direct_spread(result: BulkResult) -> str:
     for direction in ("download", "upload"):
         spans = []
         for row in [name for name in result.mib_per_s[direction] if name.startswith("direct")]:
-            speeds = [
-                x.mib_per_s for x in result.transfers if (x.target, x.direction) == (row, direction)
-            ]
+            speeds = [x.mib_per_s for x in _transfers_of(result, row, direction)]
             label = "" if row == "direct" else "pinned "
             spans.append(f"{label}{num(min(speeds), 0)}-{num(max(speeds), 0)}")
         parts.append(f"{direction} {', '.join(spans)}")
