@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -502,7 +503,10 @@ def _close_after(request: web.BaseRequest) -> None:
     where aiohttp derives ``Connection`` from the request's keep-alive. So the request
     itself is marked as closing (aiohttp has no public way to do it).
     """
-    request._message = request._message._replace(should_close=True)
+    # Through Any: compiled, a read of ``_message`` is checked against its annotation (a
+    # NamedTuple, so a tuple), which the C parser's RawRequestMessage is not.
+    untyped: typing.Any = request
+    untyped._message = untyped._message._replace(should_close=True)
     request._cache.pop("keep_alive", None)
 
 
