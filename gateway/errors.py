@@ -21,7 +21,8 @@ the ``X-Gateway-Error`` header and of ``error.code`` in JSON bodies). Foreign er
     │   ├── UpstreamProtocolError    502 upstream_error
     │   ├── RouteStoreUnavailable    503 route_store_unavailable
     │   ├── RateLimited              429 rate_limited
-    │   └── UnsupportedUpgrade       400 unsupported_upgrade
+    │   ├── UnsupportedUpgrade       400 unsupported_upgrade
+    │   └── UnsupportedHttpVersion   505 unsupported_http_version
     └── ControlError                 answers of the writer (library, CLI, admin API)
         ├── MalformedRequest         400 malformed_request
         ├── Unauthorized             401 unauthorized
@@ -126,6 +127,18 @@ class RateLimited(EdgeError):
 
 class UnsupportedUpgrade(EdgeError):
     status, code = 400, "unsupported_upgrade"
+
+
+class UnsupportedHttpVersion(EdgeError):
+    """A request line naming a protocol other than HTTP/1.0 or HTTP/1.1 (RFC 9110
+    section 15.6.6): answered, never served, so no version is echoed back."""
+
+    status, code = 505, "unsupported_http_version"
+
+    @classmethod
+    def naming(cls, protocol: str) -> UnsupportedHttpVersion:
+        """The error for a request that says ``protocol`` (``HTTP/2.0``, say)."""
+        return cls(f"the gateway speaks HTTP/1.1 and HTTP/1.0; this request is {protocol}")
 
 
 # ---------------------------------------------------------------------------------------

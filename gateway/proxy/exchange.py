@@ -102,6 +102,7 @@ class Request:
 
     __slots__ = (
         "body_length", "facts", "headers", "http10", "keep_alive", "line", "method", "path",
+        "refusal",
     )  # fmt: skip
 
     def __init__(
@@ -114,9 +115,11 @@ class Request:
         keep_alive: bool,
         http10: bool,
         line: bytes = b"",
+        refusal: errors.EdgeError | None = None,
     ) -> None:
         """``line``: the client's request line with its CRLF when it is exactly
-        ``{method} {path} HTTP/1.1``, else empty."""
+        ``{method} {path} HTTP/1.1``, else empty. ``refusal``: the head itself is
+        answered with this error's page, never planned or forwarded."""
         self.method = method
         self.path = path
         self.facts = facts  # what its header fields decide (shared by equal heads)
@@ -125,6 +128,7 @@ class Request:
         self.keep_alive = keep_alive
         self.http10 = http10
         self.line = line
+        self.refusal = refusal
 
 
 class Watchdog:
@@ -227,6 +231,9 @@ class Exchange(ResponseConsumer):
     def start(self) -> None:
         """Plan the request and answer or forward it (now, or after a lookup)."""
         request = self._request
+        if request.refusal is not None:
+            self.refuse(request.refusal)
+            return
         try:
             decided = self._handler.plan_now(
                 request.method, request.path, request.facts, self._record

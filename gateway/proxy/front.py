@@ -11,6 +11,9 @@ and hands everything else to aiohttp, so there is one implementation of each har
   no ``100 Continue``, says HTTP/1.0 or HTTP/1.1, and every line ends in CRLF; an
   upgrade only if it is a well-formed WebSocket handshake (``gateway.proxy.wssplice``
   takes the connection over after the 101).
+- A request line naming another protocol version (HTTP/2.0, HTTP/0.9, RTSP/1.0, ...)
+  is answered here with a 505 and the connection closes: aiohttp would serve it and
+  echo the version in its status line.
 - Anything else (a chunked body, another upgrade, a head the strict parser refuses,
   bare CR or LF, an oversized head, more than ``max_headers`` fields) hands the
   connection to aiohttp's ``RequestHandler`` for the rest of its life: the bytes from the
@@ -30,12 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import typing
 from collections.abc import Callable
 
 import httptools
 from aiohttp import web_protocol
 
+from gateway import errors
 from gateway.listener import Reader
 from gateway.proxy import wsframes
 from gateway.proxy.accounting import RequestRecord
@@ -43,7 +48,7 @@ from gateway.proxy.exchange import Client, Exchange, RelayedFields, Request, Wat
 from gateway.proxy.handler import EdgeHandler, HeadFacts
 
 # A head longer than this goes to aiohttp, which applies its own field limits (16 KiB a
-# line) and answers 431/400 itself; also the most buffered while a request is served.
+# line) and answers 400 itself; also the most buffered while a request is served.
 MAX_HEAD_BYTES: typing.Final = 16 * 1024
 # An answer's bytes the client's socket buffer may hold before the sandbox is paused:
 # above a read of the sandbox (256 KiB), so a stream is not paused on every read.
@@ -474,12 +479,14 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
         # The version as the line ends, not get_http_version() (a new string per call):
         # only HTTP/1.0 and 1.1 are served here, where llhttp takes any digit pair, other
         # protocol names (RTSP/1.0) and version-less HTTP/0.9 lines.
-        version = head[line_end - 11 : line_end - 2]
+        # (A line shorter than that has no version; compiled, a negative start is an error.)
+        version = head[line_end - 11 : line_end - 2] if line_end >= 11 else b""
         http10 = version == b" HTTP/1.0"
+        if not (http10 or version == b" HTTP/1.1"):
+            return self._unserved_version(head[:line_end])
         if (
             refuse
             or parsed.refuse
-            or not (http10 or version == b" HTTP/1.1")
             or (upgrade and not parsed.is_websocket_handshake(method, http11=not http10))
             or not (parsed.complete or parsed.length or upgrade)
             or method == b"CONNECT"
@@ -506,6 +513,20 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
             http10=http10,
             line=head[:line_end] if canonical else b"",
         )
+
+    def _unserved_version(self, line: bytes) -> Request | None:
+        """The request of ``line`` refused with a 505 (``Connection: close``) when it names
+        another protocol version (``_other_protocol``), else None (aiohttp's). Its
+        header fields are not read: the page is JSON, the client the peer."""
+        other = _other_protocol(line)
+        if other is None:
+            return None
+        method, target, protocol = other
+        return Request(
+            method, target, self._front.handler.facts([], self.peer_ip), body_length=0,
+            keep_alive=False, http10=False,
+            refusal=errors.UnsupportedHttpVersion.naming(protocol),
+        )  # fmt: skip
 
     def _hand_over(self) -> None:
         """Give the connection to aiohttp from the start of the current request on."""
@@ -566,6 +587,25 @@ def _plain_line(line: bytes) -> tuple[str, str] | None:
                 return None  # a control byte, a space, DEL or an 8-bit byte
             return method, target.decode("ascii")
     return None
+
+
+# A request line with a protocol version (or none, HTTP/0.9) and nothing odd about it.
+_VERSIONED_LINE: typing.Final = re.compile(rb"([A-Z]+) ([!-~]+)(?: ([A-Z]+/[0-9]\.[0-9]))?\r\n")
+
+
+def _other_protocol(line: bytes) -> tuple[str, str, str] | None:
+    """The method, target and protocol of a request line (with its CRLF) that names a
+    protocol other than HTTP/1.0 and HTTP/1.1: ``NAME/d.d`` as its third word
+    (``HTTP/2.0``, ``HTTP/1.2``, ``RTSP/1.0``, and the HTTP/2 preface's ``PRI *
+    HTTP/2.0``), or no third word (an HTTP/0.9 request, ``GET /a``, is ``HTTP/0.9``).
+    None for HTTP/1.x and for lines too odd to say (malformed: aiohttp's to refuse)."""
+    match = _VERSIONED_LINE.fullmatch(line)
+    if match is None:
+        return None
+    method, target, protocol = match.groups()
+    if protocol in (b"HTTP/1.0", b"HTTP/1.1"):
+        return None
+    return method.decode(), target.decode(), (protocol or b"HTTP/0.9").decode()
 
 
 def _has_bare_cr_or_lf(data: bytes | bytearray) -> bool:

@@ -170,6 +170,8 @@ class EdgeHandler:
         if self.draining:
             _close_after(request)
         try:
+            if request.version not in _SERVED_VERSIONS:
+                raise _unserved_version(request)
             response = await self._route(request, facts, record)
         except errors.EdgeError as exc:
             response = _answer_response(self.error_page(exc, record, request_headers), request)
@@ -493,6 +495,20 @@ def _answer_response(answer: Answer, request: web.BaseRequest) -> web.Response:
     if request.method == "HEAD":
         response.body = b""
     return response
+
+
+_SERVED_VERSIONS = (aiohttp.HttpVersion11, aiohttp.HttpVersion10)
+
+
+def _unserved_version(request: web.BaseRequest) -> errors.UnsupportedHttpVersion:
+    """The 505 for a request of another version (on a connection handed over to aiohttp;
+    the front answers a first one itself), with ``request`` marked to be answered as
+    HTTP/1.1 and closed: aiohttp writes the request's own version in its status line."""
+    error = errors.UnsupportedHttpVersion.naming(f"HTTP/{request.version[0]}.{request.version[1]}")
+    request._version = aiohttp.HttpVersion11  # read by aiohttp's StreamResponse._write_headers
+    request._cache.pop("version", None)  # the reified property
+    _close_after(request)
+    return error
 
 
 def _close_after(request: web.BaseRequest) -> None:

@@ -90,6 +90,11 @@ _ADVICE: dict[str, tuple[str, str]] = {
         "Unsupported upgrade",
         "Only WebSocket upgrades are supported through the gateway.",
     ),
+    "unsupported_http_version": (
+        "HTTP version not supported",
+        "The gateway speaks HTTP/1.1 and HTTP/1.0 to clients; this request named another "
+        "protocol version.",
+    ),
 }
 
 _STYLE = (

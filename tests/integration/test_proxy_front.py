@@ -242,18 +242,46 @@ async def test_a_known_block_under_any_request_line_is_served_as_llhttp_reads_it
         assert front.handed_over == before + 1, line
 
 
-async def test_request_lines_other_than_http_10_and_11_are_never_served_by_the_front(
-    gateway: GatewayHandle, host: str, upstream: Upstream
+async def test_request_lines_of_other_versions_get_505_and_the_connection_closes(
+    gateway: GatewayHandle, host: str
 ) -> None:
-    """A version-less (HTTP/0.9) line and other protocols llhttp accepts go to aiohttp
-    (which answers them its own way, docs/security.md)."""
+    """A version-less (HTTP/0.9) line, HTTP/0.9, HTTP/2.0 (and its preface), HTTP/1.2 and
+    RTSP/1.0: the front answers HTTP/1.1 505 unsupported_http_version and closes."""
+    heads = [f"{line}\r\nHost: {host}\r\n\r\n".encode() for line in (
+        "GET /a", "GET /x HTTP/0.9", "GET /x HTTP/2.0", "GET /x HTTP/1.2", "GET /x RTSP/1.0",
+    )] + [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]  # fmt: skip
     front = gateway.running.front
-    for line in ("GET /a1.1", "GET /x RTSP/1.0", "GET /x HTTP/1.2"):
-        before = front.handed_over
+    for head in heads:
         async with RawConnection.open("127.0.0.1", gateway.port) as conn:
-            await conn.send(f"{line}\r\nHost: {host}\r\n\r\n".encode())
-            await conn.read_response()
-        assert front.handed_over == before + 1, line
+            await conn.send(head)
+            answer = await conn.read_response()
+            assert answer.head.startswith(b"HTTP/1.1 505 "), (head, answer.head)
+            assert answer.header("X-Gateway-Error") == "unsupported_http_version", head
+            assert answer.header("Connection") == "close", head
+            assert json.loads(answer.body)["error"]["code"] == "unsupported_http_version"
+            assert await conn.closed_by_peer(wait=2), head
+    assert front.handed_over == 0
+
+
+async def test_another_version_after_a_hand_over_gets_505_as_http11(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """On a connection aiohttp serves (a chunked body came first), an HTTP/2.0 request
+    gets 505 with an HTTP/1.1 status line, not its own version echoed, and a close."""
+    chunked = request_bytes(
+        "POST", "/first", [("Host", host), ("Transfer-Encoding", "chunked")], b"0\r\n\r\n"
+    )
+    before = gateway.running.front.handed_over
+    async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+        await conn.send(chunked)
+        assert _echoed(await conn.read_response())["path_qs"] == "/first"
+        await conn.send(request_bytes("GET", "/second", [("Host", host)], version="HTTP/2.0"))
+        answer = await conn.read_response()
+        assert answer.head.startswith(b"HTTP/1.1 505 "), answer.head
+        assert answer.header("X-Gateway-Error") == "unsupported_http_version"
+        assert answer.header("Connection") == "close"
+        assert await conn.closed_by_peer(wait=2)
+    assert gateway.running.front.handed_over == before + 1
 
 
 async def test_http10_without_keep_alive_is_closed_after_its_answer(

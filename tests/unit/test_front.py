@@ -114,3 +114,45 @@ def test_other_lines_are_left_to_llhttp() -> None:
                  b"CONNECT / HTTP/1.1\r\n", b"get / HTTP/1.1\r\n", b"GET /\r\n",
                  b"GET / HTTP/1.1\n", b"GET\r\n"):  # fmt: skip
         assert front._plain_line(line) is None, line
+
+
+def test_other_protocols_are_named_from_the_request_line() -> None:
+    """``_other_protocol`` names the version a line asks for when it is not HTTP/1.x,
+    and HTTP/0.9 for a line with none."""
+    cases = {
+        b"GET /a\r\n": ("GET", "/a", "HTTP/0.9"),
+        b"GET /x HTTP/0.9\r\n": ("GET", "/x", "HTTP/0.9"),
+        b"GET /x HTTP/2.0\r\n": ("GET", "/x", "HTTP/2.0"),
+        b"PRI * HTTP/2.0\r\n": ("PRI", "*", "HTTP/2.0"),
+        b"GET /x HTTP/1.2\r\n": ("GET", "/x", "HTTP/1.2"),
+        b"DESCRIBE rtsp://x/ RTSP/1.0\r\n": ("DESCRIBE", "rtsp://x/", "RTSP/1.0"),
+    }
+    for line, named in cases.items():
+        assert front._other_protocol(line) == named, line
+    for line in (b"GET /x HTTP/1.1\r\n", b"GET /x HTTP/1.0\r\n", b"GET /x HTTP/1.10\r\n",
+                 b"GET /x HTTP/2\r\n", b"GET  /x HTTP/2.0\r\n", b"GET /x HTTP/2.0 \r\n",
+                 b"get /x HTTP/2.0\r\n", b"GET /a\tb HTTP/2.0\r\n", b"GET /x http/2.0\r\n",
+                 b"GET\r\n", b"GET /x HTTP/2.0\n", b"GET /x HTTP/2.0\r\nX: y\r\n"):  # fmt: skip
+        assert front._other_protocol(line) is None, line
+
+
+def test_no_line_llhttp_serves_as_http1x_is_taken_for_another_protocol() -> None:
+    """Every one-byte change of a few lines: where llhttp parses the line and it ends in
+    HTTP/1.0 or HTTP/1.1 (what the front serves), ``_other_protocol`` leaves it alone."""
+    served = 0
+    for base in (b"GET /x?y HTTP/1.1\r\n", b"OPTIONS * HTTP/1.0\r\n", b"GET /x HTTP/2.0\r\n"):
+        for line in _mutations(base):
+            if line.endswith((b" HTTP/1.0\r\n", b" HTTP/1.1\r\n")) and _llhttp_parses(line):
+                served += 1
+                assert front._other_protocol(line) is None, line
+    assert served > 500
+
+
+def _llhttp_parses(line: bytes) -> bool:
+    """Whether llhttp takes ``line`` in a complete head without an error."""
+    parser = httptools.HttpRequestParser(_Message())
+    try:
+        parser.feed_data(line + b"Host: x\r\n\r\n")
+    except httptools.HttpParserError:
+        return False
+    return True

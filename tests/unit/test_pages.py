@@ -25,6 +25,7 @@ EDGE_ERRORS: list[type[errors.EdgeError]] = [
     errors.RouteStoreUnavailable,
     errors.RateLimited,
     errors.UnsupportedUpgrade,
+    errors.UnsupportedHttpVersion,
 ]
 
 
