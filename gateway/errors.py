@@ -4,7 +4,8 @@ Every error the gateway or its control plane raises on purpose is a ``GatewayErr
 Each class knows its HTTP status and a stable machine-readable ``code`` (the value of
 the ``X-Gateway-Error`` header and of ``error.code`` in JSON bodies). Foreign errors
 (aiohttp, redis, OS) are translated into this tree at exactly one boundary each:
-``proxy.upstream`` for the upstream client and ``routing.store`` for Redis.
+``proxy.upstream`` for the upstream client, ``routing.store`` for Redis and
+``EdgeHandler.refused_head`` for aiohttp's request parser.
 
     GatewayError
     ├── EdgeError                    answers the public listener gives itself
@@ -22,7 +23,9 @@ the ``X-Gateway-Error`` header and of ``error.code`` in JSON bodies). Foreign er
     │   ├── RouteStoreUnavailable    503 route_store_unavailable
     │   ├── RateLimited              429 rate_limited
     │   ├── UnsupportedUpgrade       400 unsupported_upgrade
-    │   └── UnsupportedHttpVersion   505 unsupported_http_version
+    │   ├── UnsupportedHttpVersion   505 unsupported_http_version
+    │   ├── UnparsableRequest        400 malformed_request
+    │   └── HeadFieldsTooLarge       431 header_fields_too_large
     └── ControlError                 answers of the writer (library, CLI, admin API)
         ├── MalformedRequest         400 malformed_request
         ├── Unauthorized             401 unauthorized
@@ -139,6 +142,20 @@ class UnsupportedHttpVersion(EdgeError):
     def naming(cls, protocol: str) -> UnsupportedHttpVersion:
         """The error for a request that says ``protocol`` (``HTTP/2.0``, say)."""
         return cls(f"the gateway speaks HTTP/1.1 and HTTP/1.0; this request is {protocol}")
+
+
+class UnparsableRequest(EdgeError):
+    """A request the strict HTTP/1.1 parser refused: ambiguous framing, bad bytes, broken
+    chunks (the control plane's ``MalformedRequest`` shares the code)."""
+
+    status, code = 400, "malformed_request"
+
+
+class HeadFieldsTooLarge(EdgeError):
+    """A header line over the field limit, or more header fields than allowed (RFC 6585
+    section 5)."""
+
+    status, code = 431, "header_fields_too_large"
 
 
 # ---------------------------------------------------------------------------------------

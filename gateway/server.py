@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import json
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiohttp import http_exceptions, web
+from aiohttp import http_exceptions, web, web_protocol
 
 from gateway import compiled, embedded, errors
 from gateway.accesslog import AccessLog
@@ -42,25 +43,37 @@ from gateway.routing.watcher import InvalidationWatcher, reraise_swallowed_cance
 log = logging.getLogger("gateway.server")
 
 
-class _RefusedHeadsAsInfo(logging.Filter):
-    """aiohttp logs every request its parser refuses (a client's malformed, oversized or
-    over-long head, answered 400) at ERROR with a traceback. On a public listener those
-    are the clients' errors, and any client could flood the log with them: such records
-    go out at INFO, one line each, with the parser's reason."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, http_exceptions.HttpProcessingError):
-            record.msg = f"{record.getMessage()}: refused ({error.message!r})"
-            record.args = ()
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-# The public listener's aiohttp server logs here (``_RefusedHeadsAsInfo``).
+# The public listener's aiohttp connections log here.
 edge_log = logging.getLogger("gateway.edge")
-edge_log.addFilter(_RefusedHeadsAsInfo())
+
+
+class _EdgeConnection(web_protocol.RequestHandler):
+    """aiohttp's handler of a connection the front handed over, which answers a request
+    its parser refuses with the gateway's own page (``EdgeHandler.refused_head``: a
+    request id, a code, 431 where it applies) rather than aiohttp's plain-text 400, and
+    logs it at INFO in one line: aiohttp logs it at ERROR with a traceback, and on a
+    public listener any client could flood the log with those.
+
+    ``handle_error`` is aiohttp's hook for every error answer, undocumented like the
+    front's ``set_parser``: ``tests/integration/test_proxy_front.py`` pins the pages, so
+    an aiohttp that changes it fails there."""
+
+    def __init__(self, manager: web.Server, *, edge: EdgeHandler, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._edge = edge
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 400 and isinstance(exc, http_exceptions.HttpProcessingError):
+            edge_log.info("refused a request from %s: %r", request.remote, exc.message)
+            return self._edge.refused_head(request, exc)
+        return super().handle_error(request, status, exc, message)
+
 
 # How often serve checks that the table settings are still in Redis (it rewrites them
 # after Redis lost its data, e.g. a restart without persistence).
@@ -208,19 +221,21 @@ async def run_gateway(config: Config, redis_url: str) -> AsyncIterator[Running]:
         _edge_settings(config), cache=cache, pool=pool, websocket_client=ws_client,
         sessions=sessions, sinks=sinks,
     )  # fmt: skip
-    edge = web.Server(
-        handler,
-        handler_cancellation=True,
-        auto_decompress=False,
-        max_field_size=MAX_HEADER_FIELD_BYTES,
-        max_line_size=MAX_HEADER_FIELD_BYTES,
-        max_headers=MAX_REQUEST_HEADERS,
-        keepalive_timeout=config.server.keepalive_idle_seconds,
-        access_log=None,
-        logger=edge_log,
+    connection_options: dict[str, Any] = {
+        "auto_decompress": False,
+        "max_field_size": MAX_HEADER_FIELD_BYTES,
+        "max_line_size": MAX_HEADER_FIELD_BYTES,
+        "max_headers": MAX_REQUEST_HEADERS,
+        "keepalive_timeout": config.server.keepalive_idle_seconds,
+        "access_log": None,
+        "logger": edge_log,
+    }
+    edge = web.Server(handler, handler_cancellation=True, **connection_options)
+    hand_over = functools.partial(
+        _EdgeConnection, edge, edge=handler, loop=asyncio.get_running_loop(), **connection_options
     )
     front = Front(
-        handler, edge, keepalive_idle_seconds=config.server.keepalive_idle_seconds,
+        handler, hand_over, keepalive_idle_seconds=config.server.keepalive_idle_seconds,
         read_idle_seconds=config.upstream.read_idle_timeout_seconds,
         max_headers=MAX_REQUEST_HEADERS,
     )  # fmt: skip

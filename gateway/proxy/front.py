@@ -158,7 +158,7 @@ class Front:
         read_idle_seconds: float,
         max_headers: int,
     ) -> None:
-        """``fallback`` makes the protocol a connection is handed to (aiohttp's server,
+        """``fallback`` makes the protocol a connection is handed to (aiohttp's handler,
         configured with the same ``max_headers``)."""
         self.handler = handler
         self.max_headers = max_headers

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from gateway import errors, headers, hostnames
 from gateway.headers import HeaderPairs
@@ -188,6 +188,29 @@ class EdgeHandler:
         if self.draining:
             # Keep-alive clients and balancers move on to another replica.
             response.force_close()
+        return response
+
+    def refused_head(
+        self, request: web.BaseRequest, error: http_exceptions.HttpProcessingError
+    ) -> web.StreamResponse:
+        """The answer to a head aiohttp's parser refused (``error``): the gateway's page,
+        431 for a line over the limit or too many fields, else 400, with the connection
+        closed; accounted like every answer. ``request`` is aiohttp's stand-in, with no
+        fields: the page is JSON, the client the peer."""
+        refusal: errors.EdgeError
+        if isinstance(error, http_exceptions.LineTooLong) or error.message == _TOO_MANY_FIELDS:
+            refusal = errors.HeadFieldsTooLarge(
+                "a line of the request head is too long, or it has too many header fields"
+            )
+        else:
+            refusal = errors.UnparsableRequest("the HTTP/1.1 parser refused this request")
+        facts = self.facts([], _peer_ip(request))
+        record = self.new_record(request.method, request.raw_path, facts)
+        response = _answer_response(self.error_page(refusal, record, []), request)
+        response.force_close()
+        record.finish()
+        for sink in self.sinks:
+            sink(record)
         return response
 
     @property
@@ -498,6 +521,8 @@ def _answer_response(answer: Answer, request: web.BaseRequest) -> web.Response:
 
 
 _SERVED_VERSIONS = (aiohttp.HttpVersion11, aiohttp.HttpVersion10)
+# aiohttp's parser says so (a BadHttpMessage) when a head has more than max_headers fields.
+_TOO_MANY_FIELDS = "Too many headers received"
 
 
 def _unserved_version(request: web.BaseRequest) -> errors.UnsupportedHttpVersion:

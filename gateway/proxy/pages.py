@@ -90,6 +90,16 @@ _ADVICE: dict[str, tuple[str, str]] = {
         "Unsupported upgrade",
         "Only WebSocket upgrades are supported through the gateway.",
     ),
+    "malformed_request": (
+        "Malformed request",
+        "The gateway could not read this request: it is not well-formed HTTP/1.1, or its "
+        "framing is ambiguous, so it was not passed on.",
+    ),
+    "header_fields_too_large": (
+        "Request headers too large",
+        "A header of this request is too long, or it has too many headers. Large cookies "
+        "are the usual cause: clear this site's cookies and reload.",
+    ),
     "unsupported_http_version": (
         "HTTP version not supported",
         "The gateway speaks HTTP/1.1 and HTTP/1.0 to clients; this request named another "

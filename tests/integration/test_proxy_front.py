@@ -18,6 +18,7 @@ from aiohttp import web
 
 from gateway.proxy.exchange import TASK_NAME
 from gateway.routing.store import RouteWriter
+from tests.integration.test_ops_drain import sample, scrape
 from tests.support.gateway import GatewayHandle, running_gateway
 from tests.support.rawhttp import RawConnection, RawResponse, request_bytes
 from tests.support.upstreams import Upstream, expected_sha256, start_upstream
@@ -172,16 +173,16 @@ async def test_a_head_aiohttp_refuses_is_logged_at_info_in_one_line(
     gateway: GatewayHandle, host: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client's head the parser refuses (bare LF, too many fields, a NUL in a value) is
-    answered 400 and logged once at INFO with the reason, never at ERROR with a
+    answered 400 (431) and logged once at INFO with the reason, never at ERROR with a
     traceback (any client could flood the log with those)."""
     many = "".join(f"X-H{i}: {i}\r\n" for i in range(200))
     heads = [f"GET / HTTP/1.1\nHost: {host}\n\n", f"GET / HTTP/1.1\r\nHost: {host}\r\n{many}\r\n",
              f"GET / HTTP/1.1\r\nHost: {host}\r\nX: a\x00b\r\n\r\n"]  # fmt: skip
     caplog.set_level(logging.INFO)
-    for head in heads:
+    for head, status in zip(heads, (400, 431, 400), strict=True):
         async with RawConnection.open("127.0.0.1", gateway.port) as conn:
             await conn.send(head.encode())
-            assert (await conn.read_response()).status == 400, head[:40]
+            assert (await conn.read_response()).status == status, head[:40]
     refused = [r for r in caplog.records if r.name == "gateway.edge"]
     assert len(refused) == len(heads)
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in refused)
@@ -282,6 +283,36 @@ async def test_another_version_after_a_hand_over_gets_505_as_http11(
         assert answer.header("Connection") == "close"
         assert await conn.closed_by_peer(wait=2)
     assert gateway.running.front.handed_over == before + 1
+
+
+async def test_a_head_the_parser_refuses_gets_the_gateways_page_and_is_counted(
+    gateway: GatewayHandle, host: str
+) -> None:
+    """Heads aiohttp's parser refuses: 431 header_fields_too_large for too many fields or
+    a line over 16 KiB (the request line too), 400 malformed_request otherwise; each
+    with a request id and a JSON body, the connection closed, the code in /metrics."""
+    fields = "".join(f"X-{i}: {i}\r\n" for i in range(200))
+    heads = {
+        f"GET /many HTTP/1.1\r\nHost: {host}\r\n{fields}\r\n": 431,
+        f"GET /long HTTP/1.1\r\nHost: {host}\r\nX-Long: {'a' * 20_000}\r\n\r\n": 431,
+        f"GET /{'a' * 20_000} HTTP/1.1\r\nHost: {host}\r\n\r\n": 431,
+        f"GET /name HTTP/1.1\r\nHost: {host}\r\nBad Name: x\r\n\r\n": 400,
+        f"POST /cl HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1, 2\r\n\r\n": 400,
+    }
+    codes = {431: "header_fields_too_large", 400: "malformed_request"}
+    for head, status in heads.items():
+        async with RawConnection.open("127.0.0.1", gateway.port) as conn:
+            await conn.send(head.encode())
+            answer = await conn.read_response()
+            assert answer.status == status, (head[:40], answer.head)
+            assert answer.header("X-Gateway-Error") == codes[status]
+            error = json.loads(answer.body)["error"]
+            assert error["code"] == codes[status]
+            assert error["requestId"] == answer.header("X-Request-Id") and error["requestId"]
+            assert await conn.closed_by_peer(wait=2), head[:40]
+    samples = await scrape(gateway.admin_url)
+    assert sample(samples, "gateway_errors_total", code="header_fields_too_large") == 3
+    assert sample(samples, "gateway_errors_total", code="malformed_request") == 2
 
 
 async def test_http10_without_keep_alive_is_closed_after_its_answer(

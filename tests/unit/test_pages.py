@@ -26,6 +26,8 @@ EDGE_ERRORS: list[type[errors.EdgeError]] = [
     errors.RateLimited,
     errors.UnsupportedUpgrade,
     errors.UnsupportedHttpVersion,
+    errors.UnparsableRequest,
+    errors.HeadFieldsTooLarge,
 ]
 
 
