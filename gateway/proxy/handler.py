@@ -25,7 +25,7 @@ from gateway import errors, headers, hostnames
 from gateway.headers import HeaderPairs
 from gateway.listener import Listener
 from gateway.missbudget import MISS_CODES, MissBudget
-from gateway.proxy import pages, websocket
+from gateway.proxy import http, pages, websocket
 from gateway.proxy.accounting import RequestRecord, Sink
 from gateway.proxy.connlimit import ConnectionLimiter, effective_limit
 from gateway.proxy.http import Answer, RequestPlan, UpstreamFields, forward_http, header_lines
@@ -512,7 +512,7 @@ def _text_headers(raw: Sequence[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
 
 
 def _answer_response(answer: Answer, request: web.BaseRequest) -> web.Response:
-    response = web.Response(status=answer.status, body=answer.body)
+    response = http.AnswerResponse(status=answer.status, body=answer.body)
     for name, value in answer.headers:
         response.headers[name] = value
     if request.method == "HEAD":

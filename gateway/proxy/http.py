@@ -47,6 +47,16 @@ class RelayedResponse(web.StreamResponse):
             self.headers.popall(hdrs.SERVER, None)
 
 
+class AnswerResponse(web.Response):
+    """One of the gateway's own answers on aiohttp's path, without the ``Server`` field
+    aiohttp adds (``Python/3.11 aiohttp/3.14``): versions help an attacker, and the
+    front's answers carry none either (catalogue TEN-12)."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
 @trait
 class UpstreamFields:
     """The header fields a request sends its sandbox (``handler.HeadFacts``); a mypyc

@@ -227,14 +227,23 @@ async def test_a_recycled_address_never_reuses_the_old_tenants_connection(
 
 @pytest.mark.catalogue("TEN-12")
 async def test_gateway_error_pages_leak_no_upstream_detail(tenants: Tenants) -> None:
-    """A 502 for a broken sandbox names no upstream address, stack or server version."""
+    """A 502 for a broken sandbox names no upstream address, stack or server version, on
+    the front and on aiohttp's path (a chunked body), nor does a refused head's 431."""
     t = tenants
-    for accept in ("text/html", "application/json"):
+    host = t.host(VICTIM)
+    many = "".join(f"X-{i}: {i}\r\n" for i in range(200))
+    cases = [
+        (f"GET / HTTP/1.1\r\nHost: {host}\r\nAccept: {accept}\r\n\r\n", 502)
+        for accept in ("text/html", "application/json")
+    ] + [
+        (f"POST / HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 502),
+        (f"GET / HTTP/1.1\r\nHost: {host}\r\n{many}\r\n", 431),
+    ]
+    for data, status in cases:
         t.victim.script = lambda _r: Reply(b"FOO 200 OK\r\n\r\n", then="close")
         FIGURES["inputs"] += 1
-        data = f"GET / HTTP/1.1\r\nHost: {t.host(VICTIM)}\r\nAccept: {accept}\r\n\r\n"
         response = await exchange("127.0.0.1", t.gateway.port, data.encode())
-        assert response.status == 502
+        assert response.status == status, data[:60]
         text = response.head + response.body
         # The port may appear: it is the public one too (DESIGN.md section 2).
         for secret in (VICTIM_IP.encode(), b"Traceback", b"aiohttp/", b"Python/"):
