@@ -228,10 +228,12 @@ class EdgeHandler:
         return HeadFacts(self._settings, request_headers, peer_ip)
 
     def new_record(self, method: str, raw_path: str, facts: HeadFacts) -> RequestRecord:
-        """The accounting record of a request that just arrived (its id decided here): a
-        trusted proxy's well-formed X-Request-Id is kept, else a fresh one."""
+        """The accounting record of a request that just arrived (its id and client decided
+        here): a trusted proxy's well-formed X-Request-Id is kept, else a fresh one."""
         request_id = facts.trusted_id or headers.new_request_id()
-        return RequestRecord(request_id=request_id, method=method, path=raw_path)
+        record = RequestRecord(request_id=request_id, method=method, path=raw_path)
+        record.client_ip = facts.client.ip
+        return record
 
     async def plan(
         self, method: str, raw_path: str, facts: HeadFacts, record: RequestRecord
@@ -261,7 +263,6 @@ class EdgeHandler:
         host = facts.host
         record.host = host or ""
         client = facts.client
-        record.client_ip = client.ip
         try:
             target = facts.target()
         except (errors.UnknownHost, errors.InvalidHost) as exc:

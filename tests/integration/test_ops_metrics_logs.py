@@ -76,10 +76,12 @@ async def _one(gateway: Replica, host: str, path: str = "/", **kw: Any) -> tuple
     extra = kw.pop("extra", [])
     method = kw.pop("method", "GET")
     body = kw.pop("body", b"")
+    version = kw.pop("version", "HTTP/1.1")
     headers = [("Host", host), *extra]
     if body:
         headers.append(("Content-Length", str(len(body))))
-    answer = await exchange("127.0.0.1", gateway.port, request_bytes(method, path, headers, body))
+    raw = request_bytes(method, path, headers, body, version=version)
+    answer = await exchange("127.0.0.1", gateway.port, raw)
     request_id = answer.header("X-Request-Id") or ""
     return answer.status, request_id, answer.header("X-Gateway-Error") or ""
 
@@ -103,10 +105,11 @@ async def _taxonomy(gateway: Replica, redis_url: str, upstream: Upstream) -> lis
     ) -> None:  # fmt: skip
         proxied = kw.pop("proxied", False)
         clean = kw.pop("logged_path", path.partition("?")[0])
+        logged_method = kw.pop("logged_method", kw.get("method", "GET"))
         got_status, request_id, got_code = await _one(gateway, host, path, **kw)
         assert (got_status, got_code or None) == (status, code), path
         sent.append(Expected(request_id, status, code, sandbox, port, clean,
-                             method=kw.get("method", "GET"), bytes_in=len(kw.get("body", b"")),
+                             method=logged_method, bytes_in=len(kw.get("body", b"")),
                              proxied=proxied))  # fmt: skip
 
     secret_headers = [("Authorization", "Bearer AUTHSECRET"), ("Cookie", "sid=COOKIESECRET")]
@@ -130,6 +133,12 @@ async def _taxonomy(gateway: Replica, redis_url: str, upstream: Upstream) -> lis
                  sandbox=PAUSED[:6], port=port)  # fmt: skip
     await expect(f"{refused_port}-{REFUSING[:6]}.{DOMAIN}", "/x", 502, "upstream_refused",
                  sandbox=REFUSING[:6], port=refused_port)  # fmt: skip
+    # Refused before any routing: another HTTP version (the front), and more header fields
+    # than allowed (aiohttp's parser, whose stand-in for the request is "UNKNOWN /").
+    await expect(host, "/v2", 505, "unsupported_http_version", **nowhere, version="HTTP/2.0")
+    many = [(f"X-{i}", str(i)) for i in range(200)]
+    await expect(host, "/many", 431, "header_fields_too_large", **nowhere, logged_path="/",
+                 logged_method="UNKNOWN", extra=many)  # fmt: skip
 
     async with (
         aiohttp.ClientSession() as client,
@@ -198,12 +207,13 @@ async def test_metrics_and_access_log_per_outcome(
 
     assert requests("http", "ok", "2xx") == 2
     assert requests("http", "ok", "4xx") == 1
-    assert requests("http", "gateway_error", "4xx") == 5
-    assert requests("http", "gateway_error", "5xx") == 2
+    assert requests("http", "gateway_error", "4xx") == 6
+    assert requests("http", "gateway_error", "5xx") == 3
     assert requests("websocket", "ok", "1xx") == 1
     assert sample(samples, "gateway_errors_total", code="invalid_host") == 2
     for code in ("unknown_host", "sandbox_not_found", "port_not_exposed", "sandbox_paused",
-                 "upstream_refused"):  # fmt: skip
+                 "upstream_refused", "unsupported_http_version",
+                 "header_fields_too_large"):  # fmt: skip
         assert sample(samples, "gateway_errors_total", code=code) == 1, code
     assert sample(samples, "gateway_body_bytes_total", direction="in") >= 5
     assert sample(samples, "gateway_request_seconds_count") == len(sent)
