@@ -339,10 +339,8 @@ class FrontProtocol(asyncio.Protocol, Client, Reader):
 
     def exchange_done(self, record: RequestRecord, keep_alive: bool) -> None:
         """The request is answered (or abandoned): account, then the next one or close."""
-        record.finish()
         handler = self._front.handler
-        for sink in handler.sinks:
-            sink(record)
+        handler.account(record)
         if handler.listener is not None:
             # Bytes of the next request already in: its head is due within the header
             # timeout from now (the listener only times heads from their first read).

@@ -182,9 +182,7 @@ class EdgeHandler:
         finally:
             if self.listener is not None:
                 self.listener.request_finished(request.transport)
-            record.finish()
-            for sink in self.sinks:
-                sink(record)
+            self.account(record)
         if self.draining:
             # Keep-alive clients and balancers move on to another replica.
             response.force_close()
@@ -208,10 +206,15 @@ class EdgeHandler:
         record = self.new_record(request.method, request.raw_path, facts)
         response = _answer_response(self.error_page(refusal, record, []), request)
         response.force_close()
+        self.account(record)
+        return response
+
+    def account(self, record: RequestRecord) -> None:
+        """Close ``record`` (the request is answered or abandoned) and hand it to the sinks:
+        the access log and the metrics."""
         record.finish()
         for sink in self.sinks:
             sink(record)
-        return response
 
     @property
     def pool(self) -> UpstreamPool:
